@@ -1,0 +1,19 @@
+"""keras-moe: mixture-of-experts layers for Keras 3 on JAX, PyTorch and TensorFlow."""
+
+from keras_moe import compat
+from keras_moe import routing
+from keras_moe.layers import Conv1DMoE
+from keras_moe.layers import Conv2DMoE
+from keras_moe.layers import Conv3DMoE
+from keras_moe.layers import DenseMoE
+from keras_moe.version import __version__
+
+__all__ = [
+    "Conv1DMoE",
+    "Conv2DMoE",
+    "Conv3DMoE",
+    "DenseMoE",
+    "__version__",
+    "compat",
+    "routing",
+]

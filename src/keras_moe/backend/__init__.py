@@ -1,0 +1,34 @@
+"""Backend-specific fast paths, chosen once from `keras.backend.backend()`.
+
+Each backend has one module (`jax_backend`, `torch_backend`,
+`tensorflow_backend`) with one small function per need that `keras.ops`
+lacks. Layers call `keras_moe.backend.<function>` and never test the backend
+themselves. A function a backend does not provide raises `NotImplementedError`
+that names the backend.
+"""
+
+import importlib
+
+import keras
+
+BACKEND = keras.backend.backend()
+_MODULES = {
+    "jax": "keras_moe.backend.jax_backend",
+    "torch": "keras_moe.backend.torch_backend",
+    "tensorflow": "keras_moe.backend.tensorflow_backend",
+}
+if BACKEND not in _MODULES:
+    raise ImportError(
+        "keras-moe supports the Keras backends 'jax', 'torch' and 'tensorflow'. "
+        f"Received: KERAS_BACKEND={BACKEND!r}"
+    )
+_impl = importlib.import_module(_MODULES[BACKEND])
+
+
+def __getattr__(name):
+    try:
+        return getattr(_impl, name)
+    except AttributeError:
+        raise NotImplementedError(
+            f"`keras_moe.backend.{name}` is not available on the {BACKEND!r} backend."
+        ) from None

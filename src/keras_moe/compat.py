@@ -1,0 +1,166 @@
+"""Weights written by the original Keras 2 mixture-of-experts layers.
+
+The original `DenseMoE` and `Conv1DMoE`/`Conv2DMoE`/`Conv3DMoE` stored their
+weights in their own shapes (listed in each converter below). These helpers
+convert them to keras-moe's layout, so that a model trained with the original
+code can be taken over unchanged:
+
+- `load_seed_weights(layer, arrays)`: one layer, from the list that the
+  original layer's `get_weights()` returned.
+- `load_seed_h5(model, path)`: a whole model, from a Keras 2 `save_weights`
+  HDF5 file, matching layers that own weights in order, as Keras 2 did.
+"""
+
+import numpy as np
+
+from keras_moe.layers.base_conv_moe import BaseConvMoE
+from keras_moe.layers.dense_moe import DenseMoE
+
+
+def _original_names(layer):
+    names = ["expert_kernel", "gating_kernel"]
+    if layer.use_expert_bias:
+        names.append("expert_bias")
+    if layer.use_gating_bias:
+        names.append("gating_bias")
+    return names
+
+
+def _dense_from_original(layer, weights):
+    # Original: expert_kernel (d, units, e), expert_bias (units, e).
+    converted = {
+        "expert_kernel": np.transpose(weights["expert_kernel"], (0, 2, 1)),
+        "gating_kernel": weights["gating_kernel"],
+    }
+    if "expert_bias" in weights:
+        converted["expert_bias"] = np.transpose(weights["expert_bias"], (1, 0))
+    if "gating_bias" in weights:
+        converted["gating_bias"] = weights["gating_bias"]
+    return converted
+
+
+def _dense_input_shape(layer, weights):
+    return (None, weights["expert_kernel"].shape[0])
+
+
+def _conv_from_original(layer, weights):
+    # Original: expert_bias (1,) * rank + (n_filters, n_experts_per_filter).
+    converted = dict(weights)
+    if "expert_bias" in weights:
+        converted["expert_bias"] = np.reshape(
+            weights["expert_bias"], weights["expert_bias"].shape[-2:]
+        )
+    return converted
+
+
+def _conv_input_shape(layer, weights):
+    # The original gating kernel is input_shape[1:] + (n_filters, experts).
+    return (None,) + tuple(weights["gating_kernel"].shape[:-2])
+
+
+def _converters(layer):
+    if isinstance(layer, DenseMoE):
+        return _dense_from_original, _dense_input_shape
+    if isinstance(layer, BaseConvMoE):
+        return _conv_from_original, _conv_input_shape
+    raise TypeError(
+        "`layer` must be a keras-moe `DenseMoE` or `Conv1DMoE`/`Conv2DMoE`/"
+        f"`Conv3DMoE`. Received: layer={layer!r} of type {type(layer).__name__}"
+    )
+
+
+def load_seed_weights(layer, arrays):
+    """Set a layer's weights from the original layer's `get_weights()` list.
+
+    Args:
+        layer: A keras-moe `DenseMoE` or `ConvNDMoE`, built or not (an unbuilt
+            layer is built from the weights' shapes).
+        arrays: The original weights in the original order and shapes:
+            `expert_kernel`, `gating_kernel`, then `expert_bias` and
+            `gating_bias` where the layer uses them.
+
+    Raises:
+        TypeError: `layer` is not a keras-moe layer with original weights.
+        ValueError: the number or shapes of `arrays` do not fit the layer.
+    """
+    from_original, input_shape_of = _converters(layer)
+    names = _original_names(layer)
+    arrays = [np.asarray(a) for a in arrays]
+    if len(arrays) != len(names):
+        raise ValueError(
+            f"`arrays` must hold {len(names)} arrays ({', '.join(names)}) for "
+            f"layer {layer.name!r}. Received: {len(arrays)} arrays of shapes "
+            f"{[a.shape for a in arrays]}"
+        )
+    weights = from_original(layer, dict(zip(names, arrays)))
+    if not layer.built:
+        layer.build(input_shape_of(layer, dict(zip(names, arrays))))
+    for name in names:
+        variable = getattr(layer, name)
+        value = weights[name]
+        if tuple(variable.shape) != tuple(value.shape):
+            raise ValueError(
+                f"Original weight `{name}` of layer {layer.name!r} converts to "
+                f"shape {tuple(value.shape)}, but the layer expects "
+                f"{tuple(variable.shape)}. Received: arrays shapes "
+                f"{[a.shape for a in arrays]}"
+            )
+    for name in names:
+        getattr(layer, name).assign(weights[name].astype(getattr(layer, name).dtype))
+    return layer
+
+
+def _decode(value):
+    return value.decode("utf8") if isinstance(value, bytes) else str(value)
+
+
+def load_seed_h5(model, path):
+    """Load a Keras 2 `save_weights` HDF5 file of a model of original layers.
+
+    The model must have the same architecture built with keras-moe layers and
+    standard Keras layers, and be built. Layers that own weights are matched in
+    order, as Keras 2's `load_weights` did: keras-moe layers through
+    `load_seed_weights`, others with `set_weights`.
+
+    Args:
+        model: A built `keras.Model`.
+        path: Path of the `.h5` file.
+
+    Raises:
+        ValueError: the file is not a Keras 2 weights file, or the number of
+            layers with weights or their weight shapes do not match.
+    """
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        if "layer_names" not in f.attrs:
+            raise ValueError(
+                "`path` must be a Keras 2 weights file written by `save_weights` "
+                f"(its root has a `layer_names` attribute). Received: path={path!r}"
+            )
+        saved = []
+        for layer_name in (_decode(n) for n in f.attrs["layer_names"]):
+            group = f[layer_name]
+            names = [_decode(n) for n in group.attrs.get("weight_names", [])]
+            if names:
+                saved.append((layer_name, [np.asarray(group[n]) for n in names]))
+    targets = [layer for layer in model.layers if layer.weights]
+    if len(targets) != len(saved):
+        raise ValueError(
+            f"The file has {len(saved)} layers with weights "
+            f"({[name for name, _ in saved]}) but the model has {len(targets)} "
+            f"({[layer.name for layer in targets]}). Received: path={path!r}"
+        )
+    for layer, (saved_name, arrays) in zip(targets, saved):
+        if isinstance(layer, (DenseMoE, BaseConvMoE)):
+            load_seed_weights(layer, arrays)
+            continue
+        expected = [tuple(w.shape) for w in layer.get_weights()]
+        received = [a.shape for a in arrays]
+        if expected != received:
+            raise ValueError(
+                f"Layer {layer.name!r} expects weights of shapes {expected} but the "
+                f"file's layer {saved_name!r} holds {received}. Received: path={path!r}"
+            )
+        layer.set_weights(arrays)
+    return model

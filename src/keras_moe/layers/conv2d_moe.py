@@ -1,0 +1,87 @@
+import keras
+
+from keras_moe.layers.base_conv_moe import BaseConvMoE
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class Conv2DMoE(BaseConvMoE):
+    """2D convolutional mixture-of-experts layer, usable where `Conv2D` is.
+
+    Each output filter `f` is a gated mixture of `n_experts_per_filter`
+    expert convolutions:
+    `y_f = sum_k g(v_{f,k} . vec(x) + b_{f,k}) * a(W_{f,k} * x + c_{f,k})`,
+    with `a` the `expert_activation` and `g` the `gating_activation`
+    applied over the experts of each filter. As in the original layer, the
+    gates are a dense projection of the whole input sample, so the input's
+    non-batch axes must all be defined.
+
+    Args:
+        n_filters: Positive integer, number of output filters.
+        n_experts_per_filter: Positive integer, experts mixed per filter.
+        kernel_size: Integer or tuple of 2 integers.
+        strides: Integer or tuple of 2 integers (default 1).
+        padding: `"valid"` or `"same"`.
+        data_format: `"channels_last"` or `"channels_first"` (default:
+            `keras.config.image_data_format()`).
+        dilation_rate: Integer or tuple of 2 integers (default 1).
+        expert_activation, gating_activation, use_expert_bias,
+        use_gating_bias, expert_kernel_initializer_scale,
+        gating_kernel_initializer_scale, ...: As in `DenseMoE`. Expert
+            kernels are initialised normal with std
+            `scale / sqrt(in_channels * prod(kernel_size))`, gates normal with
+            std `scale / sqrt(prod(input_shape[1:]))`.
+        **kwargs: Base layer arguments.
+
+    Call arguments:
+        inputs: Tensor of rank 4.
+        training: Python bool; accepted for `stateless_call` and `fit`.
+
+    Input shape:
+        4D tensor `(batch, *spatial, channels)` (channels_last) or
+        `(batch, channels, *spatial)` (channels_first).
+
+    Output shape:
+        4D tensor with `n_filters` channels and the spatial size a
+        `Conv2D` with the same arguments would give.
+
+    Weights:
+        `expert_kernel` `kernel_size + (in_channels, n_filters * n_experts_per_filter)`,
+        `expert_bias` and `gating_bias` `(n_filters, n_experts_per_filter)`,
+        `gating_kernel` `input_shape[1:] + (n_filters, n_experts_per_filter)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_moe import Conv2DMoE
+    >>> layer = Conv2DMoE(4, 2, (3, 3), expert_activation="relu",
+    ...                   gating_activation="softmax")
+    >>> tuple(layer(np.ones((2, 8, 8, 3), "float32")).shape)
+    (2, 6, 6, 4)
+
+    References:
+        - Orhan, "mixture-of-experts" Keras 2 layers (the original
+          `Conv2DMoE` re-implemented here).
+    """
+
+    def __init__(
+        self,
+        n_filters,
+        n_experts_per_filter,
+        kernel_size,
+        strides=1,
+        padding="valid",
+        data_format=None,
+        dilation_rate=1,
+        **kwargs,
+    ):
+        super().__init__(
+            rank=2,
+            n_filters=n_filters,
+            n_experts_per_filter=n_experts_per_filter,
+            kernel_size=kernel_size,
+            strides=strides,
+            padding=padding,
+            data_format=data_format,
+            dilation_rate=dilation_rate,
+            **kwargs,
+        )
