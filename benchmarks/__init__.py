@@ -1,0 +1,1 @@
+"""keras-moe benchmarks: `python -m benchmarks` (see benchmarks/README.md)."""
