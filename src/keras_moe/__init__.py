@@ -4,6 +4,7 @@
 from keras_moe import _backend_select  # noqa: F401
 from keras_moe import compat
 from keras_moe import routing
+from keras_moe.distribution import expert_parallel_layout_map
 from keras_moe.layers import Conv1DMoE
 from keras_moe.layers import Conv2DMoE
 from keras_moe.layers import Conv3DMoE
@@ -17,5 +18,6 @@ __all__ = [
     "DenseMoE",
     "__version__",
     "compat",
+    "expert_parallel_layout_map",
     "routing",
 ]

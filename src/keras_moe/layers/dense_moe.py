@@ -134,6 +134,10 @@ class DenseMoE(BaseMoE):
         outputs = routing.soft_mixture(self.expert_outputs(tokens), gates)
         return ops.reshape(outputs, ops.shape(inputs)[:-1] + (self.units,))
 
+    def expert_weight_axes(self):
+        """Weight name -> its experts axis (`keras_moe.expert_parallel_layout_map`)."""
+        return {"expert_kernel": 1, "expert_bias": 0}
+
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)[:-1] + (self.units,)
 
