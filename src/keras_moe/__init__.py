@@ -9,6 +9,7 @@ from keras_moe.layers import Conv1DMoE
 from keras_moe.layers import Conv2DMoE
 from keras_moe.layers import Conv3DMoE
 from keras_moe.layers import DenseMoE
+from keras_moe.layers import MoEFeedForward
 from keras_moe.version import __version__
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "Conv2DMoE",
     "Conv3DMoE",
     "DenseMoE",
+    "MoEFeedForward",
     "__version__",
     "compat",
     "expert_parallel_layout_map",

@@ -2,5 +2,6 @@ from keras_moe.layers.conv1d_moe import Conv1DMoE
 from keras_moe.layers.conv2d_moe import Conv2DMoE
 from keras_moe.layers.conv3d_moe import Conv3DMoE
 from keras_moe.layers.dense_moe import DenseMoE
+from keras_moe.layers.moe_feed_forward import MoEFeedForward
 
-__all__ = ["Conv1DMoE", "Conv2DMoE", "Conv3DMoE", "DenseMoE"]
+__all__ = ["Conv1DMoE", "Conv2DMoE", "Conv3DMoE", "DenseMoE", "MoEFeedForward"]

@@ -1,0 +1,262 @@
+import keras
+from keras import ops
+
+from keras_moe import routing
+from keras_moe import utils
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class MoEFeedForward(routing.SparseRouter, keras.layers.Layer):
+    """Sparse mixture-of-experts transformer feed-forward block.
+
+    `y = sum_{j < k} w_j(x) * expert_{e_j(x)}(x)`, where `e_1..e_k` are the
+    `top_k` experts of largest router logit `z = x . R (+ r)` and each expert
+    is `down(act(x . gate) * (x . up))` when `gated`, else `down(act(x . up))`
+    (with biases when `use_bias`). Only the chosen experts run: tokens are
+    sorted by expert and each expert multiplies its own tokens
+    (`keras_moe.routing`), so compute and memory grow with `top_k`, not with
+    `n_experts`. The router (logits, softmax, top-k weights, losses) runs in
+    float32 under any dtype policy.
+
+    Configured as `activation="silu", gated=True, use_bias=False,
+    router_bias=False, top_k=2` it computes what KerasHub's
+    `MixtralSparseMoeBlock` computes with the same weights.
+
+    Args:
+        intermediate_dim: Positive integer, hidden size `m` of each expert.
+        n_experts: Positive integer, number of experts `E`.
+        top_k: Integer from 1 to `n_experts`, experts per token.
+        activation: Activation of the hidden layer (`"gelu"`).
+        gated: Whether each expert is a gated linear unit (GLU).
+        use_bias: Whether the experts have biases.
+        router_bias: Whether the router has a bias.
+        normalize_top_k: If `True`, the chosen experts' weights are the
+            softmax over their logits (summing to one); if `False`, the full
+            softmax's values at the chosen experts.
+        capacity_factor: `None` (dropless, the default: no token is ever
+            dropped) or a positive float: each expert takes at most
+            `ceil(capacity_factor * tokens * top_k / n_experts)` assignments,
+            the others are dropped (zero contribution).
+        noisy_gating: Noisy top-k gating (Shazeer et al. 2017) in training:
+            Gaussian noise of learned scale `softplus(x . W_noise)`.
+        load_balance_weight: Weight of the load-balancing loss
+            `E * sum_i f_i * P_i` (1.0 at perfect balance), added in training.
+        router_z_loss_weight: Weight of the router z-loss
+            `mean(logsumexp(z)^2)`, added in training.
+        kernel_initializer: Initializer of the expert kernels.
+        bias_initializer: Initializer of the expert biases.
+        router_initializer: Initializer of the router kernel.
+        kernel_regularizer, bias_regularizer: Regularizers of the expert
+            kernels and biases.
+        kernel_constraint, bias_constraint: Constraints of the expert kernels
+            and biases.
+        seed: Optional integer seed of the gating noise.
+        **kwargs: Base layer arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: Tensor of shape `(..., d)`.
+        mask: Optional boolean mask of shape `(...)`: masked tokens are not
+            routed (their output is zero) and count in no loss or statistic.
+        training: Python bool: losses and noise only when `True`.
+
+    Input shape:
+        N-D tensor `(batch_size, ..., d)`, N >= 2.
+
+    Output shape:
+        Same as the input.
+
+    Weights (expert axis first): `router_kernel` `(d, E)`, `router_bias`
+    `(E,)`, `expert_up_kernel` `(E, d, m)`, `expert_gate_kernel` `(E, d, m)`
+    (when gated), `expert_down_kernel` `(E, m, d)`, `expert_up_bias`
+    `(E, m)`, `expert_down_bias` `(E, d)`; `router_noise_kernel` `(d, E)`
+    with noisy gating; non-trainable `routing_stats_last` and
+    `routing_stats_sum` (see `routing_stats`).
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_moe import MoEFeedForward
+    >>> layer = MoEFeedForward(32, n_experts=4, top_k=2)
+    >>> tuple(layer(np.ones((2, 5, 16), "float32")).shape)
+    (2, 5, 16)
+    >>> sorted(layer.routing_stats)
+    ['dropped_fraction', 'expert_load', 'router_entropy']
+
+    References:
+        - Shazeer et al., "Outrageously Large Neural Networks: The
+          Sparsely-Gated Mixture-of-Experts Layer", ICLR 2017.
+        - Fedus, Zoph & Shazeer, "Switch Transformers", JMLR 2022.
+        - Zoph et al., "ST-MoE: Designing Stable and Transferable Sparse
+          Expert Models", 2022.
+        - Gale et al., "MegaBlocks: Efficient Sparse Training with
+          Mixture-of-Experts", MLSys 2023.
+    """
+
+    def __init__(
+        self,
+        intermediate_dim,
+        n_experts,
+        top_k=2,
+        activation="gelu",
+        gated=False,
+        use_bias=True,
+        router_bias=False,
+        normalize_top_k=True,
+        capacity_factor=None,
+        noisy_gating=False,
+        load_balance_weight=0.01,
+        router_z_loss_weight=0.0,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        router_initializer="glorot_uniform",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.intermediate_dim = utils.check_positive_int(
+            "intermediate_dim", intermediate_dim
+        )
+        self.n_experts = utils.check_positive_int("n_experts", n_experts)
+        self.activation = utils.get_activation("activation", activation)
+        self.gated = utils.check_bool("gated", gated)
+        self.use_bias = utils.check_bool("use_bias", use_bias)
+        self.router_bias = utils.check_bool("router_bias", router_bias)
+        self.kernel_initializer = utils.get_initializer(
+            "kernel_initializer", kernel_initializer
+        )
+        self.bias_initializer = utils.get_initializer(
+            "bias_initializer", bias_initializer
+        )
+        self.router_initializer = utils.get_initializer(
+            "router_initializer", router_initializer
+        )
+        self.kernel_regularizer = utils.get_regularizer(
+            "kernel_regularizer", kernel_regularizer
+        )
+        self.bias_regularizer = utils.get_regularizer(
+            "bias_regularizer", bias_regularizer
+        )
+        self.kernel_constraint = utils.get_constraint(
+            "kernel_constraint", kernel_constraint
+        )
+        self.bias_constraint = utils.get_constraint("bias_constraint", bias_constraint)
+        self._init_sparse_router(
+            top_k,
+            normalize_top_k,
+            noisy_gating,
+            capacity_factor,
+            load_balance_weight,
+            router_z_loss_weight,
+            seed,
+        )
+        self.input_spec = keras.layers.InputSpec(min_ndim=2)
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) < 2 or input_shape[-1] is None:
+            raise ValueError(
+                "`MoEFeedForward` expects an input of rank >= 2 with a defined "
+                f"last axis. Received: input_shape={input_shape}"
+            )
+        d, m, e = input_shape[-1], self.intermediate_dim, self.n_experts
+        # The router stays in float32 under mixed precision: no autocast.
+        self.router_kernel = self.add_weight(
+            name="router_kernel",
+            shape=(d, e),
+            initializer=self.router_initializer,
+            autocast=False,
+        )
+        self.router_bias_weight = None
+        if self.router_bias:
+            self.router_bias_weight = self.add_weight(
+                name="router_bias", shape=(e,), initializer="zeros", autocast=False
+            )
+
+        def kernel(name, shape):
+            return self.add_weight(
+                name=name,
+                shape=shape,
+                initializer=self.kernel_initializer,
+                regularizer=self.kernel_regularizer,
+                constraint=self.kernel_constraint,
+            )
+
+        def bias(name, shape):
+            return self.add_weight(
+                name=name,
+                shape=shape,
+                initializer=self.bias_initializer,
+                regularizer=self.bias_regularizer,
+                constraint=self.bias_constraint,
+            )
+
+        self.expert_up_kernel = kernel("expert_up_kernel", (e, d, m))
+        self.expert_gate_kernel = None
+        if self.gated:
+            self.expert_gate_kernel = kernel("expert_gate_kernel", (e, d, m))
+        self.expert_down_kernel = kernel("expert_down_kernel", (e, m, d))
+        self.expert_up_bias = self.expert_down_bias = None
+        if self.use_bias:
+            self.expert_up_bias = bias("expert_up_bias", (e, m))
+            self.expert_down_bias = bias("expert_down_bias", (e, d))
+        self._build_sparse_router(d)
+        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: d})
+        self.built = True
+
+    def _experts(self, layout, x):
+        """The experts on their gathered rows `x` (see `routing.sparse_mixture`)."""
+        h = layout.matmul(x, self.expert_up_kernel)
+        if self.expert_up_bias is not None:
+            h = layout.add_bias(h, self.expert_up_bias)
+        if self.gated:
+            h = self.activation(layout.matmul(x, self.expert_gate_kernel)) * h
+        else:
+            h = self.activation(h)
+        y = layout.matmul(h, self.expert_down_kernel)
+        if self.expert_down_bias is not None:
+            y = layout.add_bias(y, self.expert_down_bias)
+        return y
+
+    def call(self, inputs, mask=None, training=None):
+        d = self.router_kernel.shape[0]
+        tokens = ops.reshape(inputs, (-1, d))
+        if mask is not None:
+            mask = ops.broadcast_to(mask, ops.shape(inputs)[:-1])
+        logits = routing.gate_logits(
+            tokens, self.router_kernel, self.router_bias_weight
+        )
+        outputs = self._sparse_route(tokens, logits, self._experts, mask, training)
+        return ops.reshape(outputs, ops.shape(inputs))
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = {
+            "intermediate_dim": self.intermediate_dim,
+            "n_experts": self.n_experts,
+            "activation": keras.activations.serialize(self.activation),
+            "gated": self.gated,
+            "use_bias": self.use_bias,
+            "router_bias": self.router_bias,
+            "kernel_initializer": keras.initializers.serialize(
+                self.kernel_initializer
+            ),
+            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            "router_initializer": keras.initializers.serialize(
+                self.router_initializer
+            ),
+            "kernel_regularizer": keras.regularizers.serialize(
+                self.kernel_regularizer
+            ),
+            "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
+            "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
+            "bias_constraint": keras.constraints.serialize(self.bias_constraint),
+            **self._sparse_router_config(),
+        }
+        return {**super().get_config(), **config}
