@@ -58,6 +58,23 @@ def _conv_input_shape(layer, weights):
     return (None,) + tuple(weights["gating_kernel"].shape[:-2])
 
 
+def _original_ranks(layer):
+    """Ranks of the original weights (checked before any conversion)."""
+    if isinstance(layer, DenseMoE):
+        return {
+            "expert_kernel": 3,
+            "gating_kernel": 2,
+            "expert_bias": 2,
+            "gating_bias": 1,
+        }
+    ranks = {"expert_kernel": layer.rank + 2, "expert_bias": layer.rank + 2}
+    ranks["gating_bias"] = 2
+    # The original gates project the whole sample: input_shape[1:] + (F, K).
+    if getattr(layer, "gating_input", "flatten") == "flatten":
+        ranks["gating_kernel"] = layer.rank + 3
+    return ranks
+
+
 def _converters(layer):
     if isinstance(layer, DenseMoE):
         return _dense_from_original, _dense_input_shape
@@ -92,6 +109,13 @@ def load_seed_weights(layer, arrays):
             f"layer {layer.name!r}. Received: {len(arrays)} arrays of shapes "
             f"{[a.shape for a in arrays]}"
         )
+    ranks = _original_ranks(layer)
+    for name, array in zip(names, arrays):
+        if name in ranks and array.ndim != ranks[name]:
+            raise ValueError(
+                f"Original weight `{name}` of layer {layer.name!r} must have rank "
+                f"{ranks[name]}. Received: arrays shapes {[a.shape for a in arrays]}"
+            )
     weights = from_original(layer, dict(zip(names, arrays)))
     if not layer.built:
         layer.build(input_shape_of(layer, dict(zip(names, arrays))))
@@ -132,7 +156,14 @@ def load_seed_h5(model, path):
     """
     import h5py
 
-    with h5py.File(path, "r") as f:
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ValueError(
+            "`path` must be a Keras 2 weights file written by `save_weights` "
+            f"(HDF5; this one cannot be opened: {e}). Received: path={path!r}"
+        ) from e
+    with f:
         if "layer_names" not in f.attrs:
             raise ValueError(
                 "`path` must be a Keras 2 weights file written by `save_weights` "
