@@ -484,7 +484,8 @@ def routing_statistics(group_sizes, dropped_fraction, logits, mask=None):
 class SparseRouter:
     """Mixin giving a layer top-k routing, its losses and its statistics.
 
-    The layer calls `_init_sparse_router` in `__init__`,
+    The layer (with a `n_experts` attribute) calls `_init_sparse_router` in
+    `__init__` (`top_k=None` for a layer that may also be a soft mixture),
     `_build_sparse_router` in `build`, `_sparse_route` in `call` and adds
     `_sparse_router_config()` to its config. Routing statistics are kept in
     two non-trainable float32 variables, updated at every call (so they work
@@ -503,8 +504,10 @@ class SparseRouter:
         router_z_loss_weight,
         seed,
     ):
-        self.top_k = utils.check_positive_int("top_k", top_k)
-        if self.top_k > self.n_experts:
+        self.top_k = top_k
+        if top_k is not None:
+            self.top_k = utils.check_positive_int("top_k", top_k)
+        if top_k is not None and self.top_k > self.n_experts:
             raise ValueError(
                 "`top_k` must be an integer from 1 to `n_experts`. "
                 f"Received: top_k={top_k}, n_experts={self.n_experts}"
@@ -525,6 +528,20 @@ class SparseRouter:
         if seed is not None:
             seed = utils.check_positive_int("seed", seed, minimum=0)
         self.seed = seed
+        if self.top_k is None:
+            # The soft mixture over all experts has none of these.
+            for name in (
+                "noisy_gating",
+                "capacity_factor",
+                "load_balance_weight",
+                "router_z_loss_weight",
+            ):
+                value = getattr(self, name)
+                if value:
+                    raise ValueError(
+                        f"`{name}` applies only to sparse routing (an integer "
+                        f"`top_k`). Received: {name}={value!r}, top_k=None"
+                    )
         self.seed_generator = None
         if self.noisy_gating:
             self.seed_generator = keras.random.SeedGenerator(seed)

@@ -9,7 +9,7 @@ from keras_moe.layers.base_moe import BaseMoE
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class DenseMoE(BaseMoE):
+class DenseMoE(routing.SparseRouter, BaseMoE):
     """Densely connected mixture-of-experts layer, usable where `Dense` is.
 
     `y = sum_k g(v_k . x + b_k) * f(W_k x + c_k)`
@@ -21,6 +21,12 @@ class DenseMoE(BaseMoE):
 
     All experts come from one matmul with the kernel viewed as
     `(input_dim, n_experts * units)`; the gate logits are computed in float32.
+
+    With `top_k`, routing is sparse: each token goes to the `top_k` experts of
+    largest gate logit and only those run (`keras_moe.routing`), with softmax
+    weights over the chosen logits (`gating_activation` then plays no part);
+    `top_k=n_experts` equals the soft mixture with softmax gates. Compute and
+    memory grow with `top_k`, not with `n_experts`.
 
     Args:
         units: Positive integer, dimensionality of the output space.
@@ -41,12 +47,29 @@ class DenseMoE(BaseMoE):
         expert_kernel_constraint, gating_kernel_constraint,
         expert_bias_constraint, gating_bias_constraint: Constraints.
         activity_regularizer: Regularizer of the layer's output.
+        top_k: `None` (the soft mixture over all experts, as the original) or
+            an integer from 1 to `n_experts`: sparse top-k routing.
+        normalize_top_k: With `top_k`: if `True`, the chosen experts' weights
+            are the softmax over their logits; if `False`, the full softmax's
+            values at the chosen experts.
+        noisy_gating: With `top_k`: noisy top-k gating in training
+            (Shazeer et al. 2017), noise scale `softplus(x . W_noise)`.
+        capacity_factor: With `top_k`: `None` (dropless, no token ever
+            dropped) or a positive float capping each expert at
+            `ceil(capacity_factor * tokens * top_k / n_experts)` assignments.
+        load_balance_weight: With `top_k`: weight of the load-balancing loss
+            `n_experts * sum_i f_i * P_i`, added in training.
+        router_z_loss_weight: With `top_k`: weight of the router z-loss
+            `mean(logsumexp(z)^2)`, added in training.
+        seed: Optional integer seed of the gating noise.
         **kwargs: Base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
         inputs: Tensor of shape `(..., input_dim)`.
-        training: Python bool; unused by the soft mixture, accepted so that
-            `stateless_call` and `Model.fit` can pass it.
+        mask: Optional boolean mask `(...)`; with `top_k`, masked tokens are
+            not routed (zero output) and count in no loss or statistic.
+        training: Python bool; with `top_k`, losses and noise only when
+            `True` (unused by the soft mixture).
 
     Input shape:
         N-D tensor `(batch_size, ..., input_dim)`, N >= 2.
@@ -75,10 +98,31 @@ class DenseMoE(BaseMoE):
           `DenseMoE` re-implemented here).
     """
 
-    def __init__(self, units, n_experts, **kwargs):
+    def __init__(
+        self,
+        units,
+        n_experts,
+        top_k=None,
+        normalize_top_k=True,
+        noisy_gating=False,
+        capacity_factor=None,
+        load_balance_weight=0.0,
+        router_z_loss_weight=0.0,
+        seed=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.units = utils.check_positive_int("units", units)
         self.n_experts = utils.check_positive_int("n_experts", n_experts)
+        self._init_sparse_router(
+            top_k,
+            normalize_top_k,
+            noisy_gating,
+            capacity_factor,
+            load_balance_weight,
+            router_z_loss_weight,
+            seed,
+        )
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
 
@@ -112,6 +156,8 @@ class DenseMoE(BaseMoE):
             expert_bias_shape=(self.n_experts, self.units),
             gating_bias_shape=(self.n_experts,),
         )
+        if self.top_k is not None:
+            self._build_sparse_router(input_dim)
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_dim})
         self.built = True
 
@@ -126,12 +172,26 @@ class DenseMoE(BaseMoE):
             h = h + self.expert_bias
         return self.expert_activation(h)
 
-    def call(self, inputs, training=None):
+    def _sparse_experts(self, layout, x):
+        """`f(W_k x + c_k)` on each expert's gathered rows (`routing`)."""
+        h = layout.matmul(x, self.expert_kernel, expert_axis=1)
+        if self.expert_bias is not None:
+            h = layout.add_bias(h, self.expert_bias)
+        return self.expert_activation(h)
+
+    def call(self, inputs, mask=None, training=None):
         input_dim = self.expert_kernel.shape[0]
         tokens = ops.reshape(inputs, (-1, input_dim))
         logits = routing.gate_logits(tokens, self.gating_kernel, self.gating_bias)
-        gates = routing.gate_values(logits, self.gating_activation)
-        outputs = routing.soft_mixture(self.expert_outputs(tokens), gates)
+        if self.top_k is None:
+            gates = routing.gate_values(logits, self.gating_activation)
+            outputs = routing.soft_mixture(self.expert_outputs(tokens), gates)
+        else:
+            if mask is not None:
+                mask = ops.broadcast_to(mask, ops.shape(inputs)[:-1])
+            outputs = self._sparse_route(
+                tokens, logits, self._sparse_experts, mask, training
+            )
         return ops.reshape(outputs, ops.shape(inputs)[:-1] + (self.units,))
 
     def expert_weight_axes(self):
@@ -143,4 +203,5 @@ class DenseMoE(BaseMoE):
 
     def get_config(self):
         config = {"units": self.units, "n_experts": self.n_experts}
+        config.update(self._sparse_router_config())
         return {**super().get_config(), **config}

@@ -233,6 +233,15 @@ class MoEFeedForward(routing.SparseRouter, keras.layers.Layer):
         outputs = self._sparse_route(tokens, logits, self._experts, mask, training)
         return ops.reshape(outputs, ops.shape(inputs))
 
+    def expert_weight_axes(self):
+        """Weight name -> its experts axis (`keras_moe.expert_parallel_layout_map`)."""
+        names = ["expert_up_kernel", "expert_down_kernel"]
+        if self.gated:
+            names.append("expert_gate_kernel")
+        if self.use_bias:
+            names += ["expert_up_bias", "expert_down_bias"]
+        return {name: 0 for name in names}
+
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
 
@@ -244,16 +253,10 @@ class MoEFeedForward(routing.SparseRouter, keras.layers.Layer):
             "gated": self.gated,
             "use_bias": self.use_bias,
             "router_bias": self.router_bias,
-            "kernel_initializer": keras.initializers.serialize(
-                self.kernel_initializer
-            ),
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
             "bias_initializer": keras.initializers.serialize(self.bias_initializer),
-            "router_initializer": keras.initializers.serialize(
-                self.router_initializer
-            ),
-            "kernel_regularizer": keras.regularizers.serialize(
-                self.kernel_regularizer
-            ),
+            "router_initializer": keras.initializers.serialize(self.router_initializer),
+            "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
             "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
             "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
             "bias_constraint": keras.constraints.serialize(self.bias_constraint),
