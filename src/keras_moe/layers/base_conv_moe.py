@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import keras
@@ -6,6 +7,8 @@ from keras import ops
 from keras_moe import routing
 from keras_moe import utils
 from keras_moe.layers.base_moe import BaseMoE
+
+GATING_INPUTS = ("flatten", "pooled", "local")
 
 
 def conv_output_length(length, kernel_size, stride, padding, dilation):
@@ -21,7 +24,15 @@ def conv_output_length(length, kernel_size, stride, padding, dilation):
 class BaseConvMoE(BaseMoE):
     """Private N-D base of `Conv1DMoE`, `Conv2DMoE` and `Conv3DMoE`.
 
-    Output filter `f` is `sum_k g(v_{f,k} . vec(x) + b_{f,k}) * a(W_{f,k} * x + c_{f,k})`.
+    Output filter `f` is `sum_k g(z_{f,k}) * a(W_{f,k} * x + c_{f,k})`, with the
+    gate logits `z` from `gating_input`:
+
+    - `"flatten"` (the original): `z_{f,k} = v_{f,k} . vec(x) + b_{f,k}`, one
+      gate per sample from the whole input; needs a fully defined input shape.
+    - `"pooled"`: `z_{f,k} = v_{f,k} . mean_s(x_s) + b_{f,k}`, one gate per
+      sample from the global spatial mean (CondConv, Dynamic Convolution).
+    - `"local"`: `z_{s,f,k} = (V_{f,k} * x)_s + b_{f,k}`, one gate per output
+      position from a convolution with the experts' geometry.
 
     All `n_filters * n_experts_per_filter` expert convolutions run as one
     convolution; output channel `f * n_experts_per_filter + k` is expert `k`
@@ -43,6 +54,7 @@ class BaseConvMoE(BaseMoE):
         padding="valid",
         data_format=None,
         dilation_rate=1,
+        gating_input="flatten",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -61,12 +73,18 @@ class BaseConvMoE(BaseMoE):
         self.data_format = utils.check_choice(
             "data_format", data_format, {"channels_last", "channels_first"}
         )
+        self.gating_input = utils.check_choice(
+            "gating_input", gating_input, set(GATING_INPUTS)
+        )
         if max(self.strides) > 1 and max(self.dilation_rate) > 1:
             raise ValueError(
                 "`strides > 1` cannot be combined with `dilation_rate > 1`. "
                 f"Received: strides={self.strides}, dilation_rate={self.dilation_rate}"
             )
         self.input_spec = keras.layers.InputSpec(ndim=rank + 2)
+        # Whether linear experts under "pooled" gates run as one mixed-kernel
+        # convolution per sample (see `mixed_kernel_outputs`).
+        self._mixed_kernel_enabled = True
 
     @property
     def _channel_axis(self):
@@ -105,26 +123,34 @@ class BaseConvMoE(BaseMoE):
 
     def build(self, input_shape):
         input_shape = self._check_input_shape(input_shape)
-        if any(size is None for size in input_shape[1:]):
-            raise ValueError(
-                f"`{type(self).__name__}` gates each filter with a dense projection "
-                "of the whole input sample, which needs every non-batch axis "
-                f"defined. Received: input_shape={input_shape}"
-            )
         in_channels = input_shape[self._channel_axis]
+        if self.gating_input == "flatten":
+            if any(size is None for size in input_shape[1:]):
+                raise ValueError(
+                    f"`{type(self).__name__}` gates each filter with a dense "
+                    "projection of the whole input sample, which needs every "
+                    "non-batch axis defined; `gating_input='pooled'` or "
+                    "`gating_input='local'` accept any spatial size. Received: "
+                    f"input_shape={input_shape}, gating_input='flatten'"
+                )
+            gating_fan_in = tuple(input_shape[1:])
+        elif self.gating_input == "pooled":
+            gating_fan_in = (in_channels,)
+        else:
+            gating_fan_in = self.kernel_size + (in_channels,)
         n_out = self.n_filters * self.n_experts_per_filter
         expert_std = self.expert_kernel_initializer_scale / math.sqrt(
             in_channels * math.prod(self.kernel_size)
         )
         gating_std = self.gating_kernel_initializer_scale / math.sqrt(
-            math.prod(input_shape[1:])
+            math.prod(gating_fan_in)
         )
         self._add_moe_weights(
             expert_kernel_shape=self.kernel_size + (in_channels, n_out),
             expert_kernel_initializer=keras.initializers.RandomNormal(
                 stddev=expert_std
             ),
-            gating_kernel_shape=tuple(input_shape[1:])
+            gating_kernel_shape=gating_fan_in
             + (self.n_filters, self.n_experts_per_filter),
             gating_kernel_initializer=keras.initializers.RandomNormal(
                 stddev=gating_std
@@ -146,21 +172,25 @@ class BaseConvMoE(BaseMoE):
             return ops.moveaxis(x, -1, 1)
         return x
 
-    def expert_outputs(self, x):
-        """All experts at once: channels-last `x` -> `(b, *spatial, f, k)`."""
+    def _convolve(self, x, kernel):
+        """Channels-last convolution with the layer's geometry (causal included)."""
         padding = self.padding
         if padding == "causal":
             left = self.dilation_rate[0] * (self.kernel_size[0] - 1)
             x = ops.pad(x, ((0, 0), (left, 0), (0, 0)))
             padding = "valid"
-        h = ops.conv(
+        return ops.conv(
             x,
-            self.expert_kernel,
+            kernel,
             strides=self.strides,
             padding=padding,
             data_format="channels_last",
             dilation_rate=self.dilation_rate,
         )
+
+    def expert_outputs(self, x):
+        """All experts at once: channels-last `x` -> `(b, *spatial, f, k)`."""
+        h = self._convolve(x, self.expert_kernel)
         h = ops.reshape(
             h, ops.shape(h)[:-1] + (self.n_filters, self.n_experts_per_filter)
         )
@@ -169,26 +199,147 @@ class BaseConvMoE(BaseMoE):
         return self.expert_activation(h)
 
     def gate_logits(self, inputs):
-        """Gate logits `(b, f, k)` from the whole input sample (original layout)."""
+        """Float32 gate logits of `inputs` (in the layer's data format).
+
+        `(b, f, k)` for `"flatten"` and `"pooled"`, `(b, *spatial_out, f, k)`
+        for `"local"`.
+        """
         n_gates = self.n_filters * self.n_experts_per_filter
-        kernel = ops.reshape(self.gating_kernel, (-1, n_gates))
-        flat = ops.reshape(inputs, (-1, kernel.shape[0]))
+        gates_shape = (self.n_filters, self.n_experts_per_filter)
         bias = None
         if self.gating_bias is not None:
             bias = ops.reshape(self.gating_bias, (n_gates,))
-        logits = routing.gate_logits(flat, kernel, bias)
-        return ops.reshape(logits, (-1, self.n_filters, self.n_experts_per_filter))
+        if self.gating_input == "local":
+            # Router arithmetic in float32, as in `routing.gate_logits`.
+            x = self._to_channels_last(ops.cast(inputs, "float32"))
+            kernel = ops.reshape(
+                ops.cast(self.gating_kernel, "float32"),
+                self.gating_kernel.shape[:-2] + (n_gates,),
+            )
+            logits = self._convolve(x, kernel)
+            if bias is not None:
+                logits = logits + ops.cast(bias, "float32")
+            return ops.reshape(logits, ops.shape(logits)[:-1] + gates_shape)
+        kernel = ops.reshape(self.gating_kernel, (-1, n_gates))
+        if self.gating_input == "pooled":
+            spatial_axes = tuple(range(1, self.rank + 1))
+            if self.data_format == "channels_first":
+                spatial_axes = tuple(range(2, self.rank + 2))
+            features = ops.mean(ops.cast(inputs, "float32"), axis=spatial_axes)
+        else:
+            features = ops.reshape(inputs, (-1, kernel.shape[0]))
+        logits = routing.gate_logits(features, kernel, bias)
+        return ops.reshape(logits, (-1,) + gates_shape)
+
+    def _explicit_padding(self, spatial):
+        """`(before, after)` zero padding of each spatial axis of size `spatial`."""
+        pads = []
+        for n, k, s, d in zip(
+            spatial, self.kernel_size, self.strides, self.dilation_rate
+        ):
+            effective = d * (k - 1) + 1
+            if self.padding == "valid":
+                pads.append((0, 0))
+            elif self.padding == "causal":
+                pads.append((effective - 1, 0))
+            else:
+                total = max((-(-n // s) - 1) * s + effective - n, 0)
+                pads.append((total // 2, total - total // 2))
+        return pads
+
+    def mixed_kernel_outputs(self, x, gates):
+        """Linear experts under per-sample gates as one mixed kernel per sample.
+
+        The CondConv identity: with a linear `a` and gates `g_{b,f,k}` shared
+        by every position, `sum_k g (W_{f,k} * x + c_{f,k})` equals
+        `(sum_k g W_{f,k}) * x + sum_k g c_{f,k}`, which costs `1 / k` of the
+        experts' convolution. The per-sample convolution runs as one batched
+        matmul per kernel tap (`prod(kernel_size)` of them, unrolled when
+        traced) on the shifted input, since a grouped convolution over the
+        batch is many times slower on CPU. Needs static spatial sizes.
+
+        Args:
+            x: Channels-last input `(b, *spatial, in_channels)`.
+            gates: `(b, f, k)` gate values.
+
+        Returns:
+            `(b, *spatial_out, f)` in the compute dtype.
+        """
+        spatial = tuple(x.shape[1:-1])
+        in_channels = x.shape[-1]
+        gates = ops.cast(gates, self.compute_dtype)
+        # Einsum letters: `xyz` kernel (or spatial) axes, `c` in channels,
+        # `b` batch, `f` filters, `k` experts per filter.
+        axes = "xyz"[: self.rank]
+        kernel = ops.reshape(
+            self.expert_kernel,
+            self.kernel_size + (in_channels, self.n_filters, self.n_experts_per_filter),
+        )
+        kernel = ops.einsum(f"{axes}cfk,bfk->b{axes}cf", kernel, gates)
+        pads = self._explicit_padding(spatial)
+        x = ops.pad(x, [(0, 0)] + pads + [(0, 0)])
+        out_sizes = [
+            (n + p0 + p1 - d * (k - 1) - 1) // s + 1
+            for n, (p0, p1), k, s, d in zip(
+                spatial, pads, self.kernel_size, self.strides, self.dilation_rate
+            )
+        ]
+        outputs = None
+        for tap in itertools.product(*(range(k) for k in self.kernel_size)):
+            window = tuple(
+                slice(t * d, t * d + (n - 1) * s + 1, s)
+                for t, n, s, d in zip(tap, out_sizes, self.strides, self.dilation_rate)
+            )
+            term = ops.einsum(
+                f"b{axes}c,bcf->b{axes}f",
+                x[(slice(None),) + window],
+                kernel[(slice(None),) + tap],
+            )
+            outputs = term if outputs is None else outputs + term
+        if self.expert_bias is not None:
+            bias = ops.einsum("fk,bfk->bf", self.expert_bias, gates)
+            outputs = outputs + ops.reshape(
+                bias, (-1,) + (1,) * self.rank + (self.n_filters,)
+            )
+        return outputs
+
+    def _uses_mixed_kernel(self, inputs):
+        return (
+            self._mixed_kernel_enabled
+            and self.gating_input == "pooled"
+            and self.expert_activation is keras.activations.linear
+            and None not in tuple(inputs.shape[1:])
+        )
 
     def call(self, inputs, training=None):
         gates = routing.gate_values(self.gate_logits(inputs), self.gating_activation)
+        if self._uses_mixed_kernel(inputs):
+            outputs = self.mixed_kernel_outputs(self._to_channels_last(inputs), gates)
+            return self._from_channels_last(outputs)
         h = self.expert_outputs(self._to_channels_last(inputs))
         spatial = ops.shape(h)[1:-2]
-        h = ops.reshape(
-            h, (ops.shape(h)[0], -1, self.n_filters, self.n_experts_per_filter)
-        )
+        gates_shape = (self.n_filters, self.n_experts_per_filter)
+        h = ops.reshape(h, (ops.shape(h)[0], -1) + gates_shape)
+        if self.gating_input == "local":
+            gates = ops.reshape(gates, (ops.shape(h)[0], -1) + gates_shape)
         outputs = routing.soft_mixture_per_filter(h, gates)
         outputs = ops.reshape(outputs, (ops.shape(h)[0],) + spatial + (self.n_filters,))
         return self._from_channels_last(outputs)
+
+    def expert_weight_axes(self):
+        """Weight name -> its filters axis (`keras_moe.expert_parallel_layout_map`).
+
+        Expert parallelism splits the filters, each with all its experts:
+        channel `f * n_experts_per_filter + k` of the kernel is expert `k` of
+        filter `f`, and the gates of different filters never meet.
+        """
+        gating_axis = 1 if self.gating_input == "pooled" else self.rank + 1
+        return {
+            "expert_kernel": self.rank + 1,
+            "expert_bias": 0,
+            "gating_kernel": gating_axis,
+            "gating_bias": 0,
+        }
 
     def compute_output_shape(self, input_shape):
         input_shape = self._check_input_shape(input_shape)
@@ -214,5 +365,6 @@ class BaseConvMoE(BaseMoE):
             "padding": self.padding,
             "data_format": self.data_format,
             "dilation_rate": self.dilation_rate,
+            "gating_input": self.gating_input,
         }
         return {**super().get_config(), **config}

@@ -9,11 +9,17 @@ class Conv1DMoE(BaseConvMoE):
 
     Each output filter `f` is a gated mixture of `n_experts_per_filter`
     expert convolutions:
-    `y_f = sum_k g(v_{f,k} . vec(x) + b_{f,k}) * a(W_{f,k} * x + c_{f,k})`,
+    `y_f = sum_k g(z_{f,k}) * a(W_{f,k} * x + c_{f,k})`,
     with `a` the `expert_activation` and `g` the `gating_activation`
-    applied over the experts of each filter. As in the original layer, the
-    gates are a dense projection of the whole input sample, so the input's
-    non-batch axes must all be defined.
+    applied over the experts of each filter. The gate logits `z` depend on
+    `gating_input`: `"flatten"` (the original) is a dense projection of the
+    whole input sample, `z_{f,k} = v_{f,k} . vec(x) + b_{f,k}`, so the
+    input's non-batch axes must all be defined; `"pooled"` projects the
+    global spatial mean, `z_{f,k} = v_{f,k} . mean_s(x_s) + b_{f,k}` (as
+    CondConv does); `"local"` gives a gate per output position,
+    `z_{s,f,k} = (V_{f,k} * x)_s + b_{f,k}`, a convolution with the experts'
+    kernel size, strides, padding and dilation. `"pooled"` and `"local"`
+    accept any spatial size with one set of weights.
 
     Args:
         n_filters: Positive integer, number of output filters.
@@ -29,7 +35,13 @@ class Conv1DMoE(BaseConvMoE):
         gating_kernel_initializer_scale, ...: As in `DenseMoE`. Expert
             kernels are initialised normal with std
             `scale / sqrt(in_channels * prod(kernel_size))`, gates normal with
-            std `scale / sqrt(prod(input_shape[1:]))`.
+            std `scale / sqrt(fan_in)`, `fan_in` the gating kernel's size
+            over its first axes (`prod(input_shape[1:])`, `in_channels` or
+            `in_channels * prod(kernel_size)`).
+        gating_input: `"flatten"` (default), `"pooled"` or `"local"`: what
+            the gates see (above). With linear experts and `"pooled"` gates
+            the layer computes one mixed-kernel convolution per sample (the
+            CondConv identity) instead of every expert.
         **kwargs: Base layer arguments.
 
     Call arguments:
@@ -47,7 +59,11 @@ class Conv1DMoE(BaseConvMoE):
     Weights:
         `expert_kernel` `kernel_size + (in_channels, n_filters * n_experts_per_filter)`,
         `expert_bias` and `gating_bias` `(n_filters, n_experts_per_filter)`,
-        `gating_kernel` `input_shape[1:] + (n_filters, n_experts_per_filter)`.
+        `gating_kernel` `input_shape[1:] + (n_filters, n_experts_per_filter)`
+        (`"flatten"`), `(in_channels, n_filters, n_experts_per_filter)`
+        (`"pooled"`) or
+        `kernel_size + (in_channels, n_filters, n_experts_per_filter)`
+        (`"local"`).
 
     Example:
 
@@ -57,6 +73,14 @@ class Conv1DMoE(BaseConvMoE):
     ...                   gating_activation="softmax")
     >>> tuple(layer(np.ones((2, 16, 3), "float32")).shape)
     (2, 14, 4)
+
+    `"pooled"` and `"local"` gating take inputs of any spatial size:
+
+    >>> layer = Conv1DMoE(4, 2, 3, gating_input="pooled")
+    >>> tuple(layer(np.ones((2, 16, 3), "float32")).shape)
+    (2, 14, 4)
+    >>> tuple(layer(np.ones((2, 40, 3), "float32")).shape)
+    (2, 38, 4)
 
     References:
         - Orhan, "mixture-of-experts" Keras 2 layers (the original
@@ -72,6 +96,7 @@ class Conv1DMoE(BaseConvMoE):
         padding="valid",
         data_format=None,
         dilation_rate=1,
+        gating_input="flatten",
         **kwargs,
     ):
         super().__init__(
@@ -83,5 +108,6 @@ class Conv1DMoE(BaseConvMoE):
             padding=padding,
             data_format=data_format,
             dilation_rate=dilation_rate,
+            gating_input=gating_input,
             **kwargs,
         )
