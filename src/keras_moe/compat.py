@@ -54,8 +54,16 @@ def _conv_from_original(layer, weights):
 
 
 def _conv_input_shape(layer, weights):
-    # The original gating kernel is input_shape[1:] + (n_filters, experts).
-    return (None,) + tuple(weights["gating_kernel"].shape[:-2])
+    if layer.gating_input == "flatten":
+        # The original gating kernel is input_shape[1:] + (n_filters, experts).
+        return (None,) + tuple(weights["gating_kernel"].shape[:-2])
+    # "pooled" and "local" gating kernels do not imply a spatial size: the
+    # layer is built for any, with the expert kernel's input channels.
+    in_channels = weights["expert_kernel"].shape[-2]
+    spatial = (None,) * layer.rank
+    if layer.data_format == "channels_first":
+        return (None, in_channels) + spatial
+    return (None,) + spatial + (in_channels,)
 
 
 def _original_ranks(layer):
@@ -94,7 +102,11 @@ def load_seed_weights(layer, arrays):
             layer is built from the weights' shapes).
         arrays: The original weights in the original order and shapes:
             `expert_kernel`, `gating_kernel`, then `expert_bias` and
-            `gating_bias` where the layer uses them.
+            `gating_bias` where the layer uses them. A convolutional layer
+            with `gating_input="pooled"` or `"local"` takes the gating kernel
+            in its own shape (`(in_channels, F, K)` or
+            `kernel_size + (in_channels, F, K)`) and, unbuilt, is built for
+            any spatial size.
 
     Raises:
         TypeError: `layer` is not a keras-moe layer with original weights.
