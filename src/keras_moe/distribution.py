@@ -152,7 +152,6 @@ def expert_parallel_layout_map(mesh, expert_axis="expert", layout_map=None):
     model = keras.Sequential([keras.Input((16,)), DenseMoE(8, n_experts=8)])
     ```
     """
-    check_backend()
     if not isinstance(mesh, keras.distribution.DeviceMesh):
         raise TypeError(
             "`mesh` must be a `keras.distribution.DeviceMesh`. "
@@ -164,19 +163,20 @@ def expert_parallel_layout_map(mesh, expert_axis="expert", layout_map=None):
             f"Received: expert_axis={expert_axis!r}, "
             f"mesh.axis_names={list(mesh.axis_names)}"
         )
-    result = _ExpertParallelLayoutMap(mesh, expert_axis)
-    if layout_map is None:
-        return result
-    if not isinstance(layout_map, keras.distribution.LayoutMap):
+    if layout_map is not None and not isinstance(
+        layout_map, keras.distribution.LayoutMap
+    ):
         raise TypeError(
             "`layout_map` must be a `keras.distribution.LayoutMap` or None. "
             f"Received: layout_map={layout_map!r} of type {type(layout_map).__name__}"
         )
-    if layout_map.device_mesh is not mesh:
+    if layout_map is not None and layout_map.device_mesh is not mesh:
         raise ValueError(
             "`layout_map` must be built on the same `mesh`. Received: "
             f"layout_map.device_mesh={layout_map.device_mesh!r}, mesh={mesh!r}"
         )
-    for key in layout_map:
+    check_backend()
+    result = _ExpertParallelLayoutMap(mesh, expert_axis)
+    for key in layout_map or ():
         result[key] = layout_map[key]
     return result

@@ -1,0 +1,312 @@
+"""Expert-parallel checks on 8 simulated CPU devices, run in its own process.
+
+`tests/test_distribution.py` runs `python tests/distribution_worker.py DIR`
+with `KERAS_BACKEND=jax` and
+`XLA_FLAGS=--xla_force_host_platform_device_count=8`, so that the rest of the
+suite keeps its single device. The test saves `DIR/single.keras` (a model
+from `build_model` on one device, any backend) and its predictions on
+`data()`; this script, on a mesh batch=2 x expert=4, loads it under
+`ModelParallel`, checks shardings, outputs, a training step against the
+single-device model with the same weights, `fit`/`evaluate`/`predict`, the
+collectives of the compiled train and predict steps, and saves
+`DIR/multi.keras` and its predictions for the test to load on one device.
+
+It writes `DIR/multi.json`: `{check: {"ok": bool, "detail": ...}}`.
+"""
+
+import json
+import os
+import re
+import sys
+import traceback
+
+import keras
+import numpy as np
+
+import keras_moe
+from keras_moe import Conv2DMoE
+from keras_moe import DenseMoE
+
+MESH_SHAPE = (2, 4)
+BATCH = 12  # 6 per data-parallel replica
+INPUT_SHAPE = (5, 5, 3)
+TOLERANCE = 2e-5
+
+
+def build_model():
+    """A small network with every expert-weight layout the map must handle."""
+    inputs = keras.Input(INPUT_SHAPE)
+    h = Conv2DMoE(
+        4,
+        3,
+        (3, 3),
+        padding="same",
+        expert_activation="relu",
+        gating_activation="softmax",
+        name="conv_experts",
+    )(inputs)
+    h = keras.layers.Flatten()(h)
+    h = keras.layers.Dense(24, activation="relu", name="proj")(h)
+    h = DenseMoE(
+        10,
+        8,
+        expert_activation="relu",
+        gating_activation="softmax",
+        name="my_dense_experts",
+    )(h)
+    outputs = keras.layers.Dense(3, name="head")(h)
+    return keras.Model(inputs, outputs)
+
+
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(BATCH,) + INPUT_SHAPE).astype("float32")
+    y = rng.normal(size=(BATCH, 3)).astype("float32")
+    return x, y
+
+
+def max_diff(a, b):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+
+
+class Checks:
+    def __init__(self):
+        self.results = {}
+
+    def record(self, name, ok, detail):
+        self.results[name] = {"ok": bool(ok), "detail": detail}
+
+    def run(self, name, fn):
+        try:
+            ok, detail = fn()
+        except Exception:
+            ok, detail = False, traceback.format_exc()
+        self.record(name, ok, detail)
+        return ok
+
+
+def expert_variables(model):
+    """(variable, declared axis, layer) of every declared expert weight."""
+    found = []
+    for layer in model._flatten_layers():
+        declare = getattr(layer, "expert_weight_axes", None)
+        if declare is None:
+            continue
+        axes = declare()
+        for v in layer.weights:
+            if v.name in axes:
+                found.append((v, axes[v.name], layer))
+    return found
+
+
+def sharding_report(model, mesh_size):
+    """Each expert weight is split `mesh_size` ways along its declared axis."""
+    rows, ok = [], True
+    for v, axis, _ in expert_variables(model):
+        value = v.value
+        full = tuple(v.shape)
+        expected = full[:axis] + (full[axis] // mesh_size,) + full[axis + 1 :]
+        shards = sorted({tuple(s.data.shape) for s in value.addressable_shards})
+        good = shards == [expected] and full[axis] % mesh_size == 0
+        ok = ok and good
+        rows.append(
+            {
+                "path": v.path,
+                "full": full,
+                "axis": axis,
+                "spec": str(value.sharding.spec),
+                "shard_shapes": shards,
+                "ok": good,
+            }
+        )
+    if not rows:
+        ok = False
+    return ok, rows
+
+
+COLLECTIVE = re.compile(
+    r"=\s*(?P<type>\(?[^=]*?)\s+(?P<op>all-gather|all-to-all|collective-permute"
+    r"|all-reduce|reduce-scatter)(?:-start)?\("
+)
+SHAPE = re.compile(r"[a-z]+\d*\[([\d,]*)\]")
+
+
+def collectives(hlo_text):
+    """`[(op, [element counts of its result arrays], line)]` of an HLO module."""
+    found = []
+    for line in hlo_text.splitlines():
+        match = COLLECTIVE.search(line)
+        if not match:
+            continue
+        sizes = []
+        for dims in SHAPE.findall(match.group("type")):
+            size = 1
+            for d in filter(None, dims.split(",")):
+                size *= int(d)
+            sizes.append(size)
+        found.append((match.group("op"), sizes, line.strip()[:240]))
+    return found
+
+
+def no_expert_weight_gathered(hlo_text, model):
+    """No all-gather (or all-to-all) produces a whole expert weight.
+
+    A gathered expert weight would appear as a collective whose result has
+    the full weight's element count (in whatever shape GSPMD reshapes it to).
+    The model's sizes are chosen so that no activation has one of those counts.
+    """
+    full_sizes = {int(np.prod(v.shape)): v.path for v, _, _ in expert_variables(model)}
+    found = collectives(hlo_text)
+    offending = [
+        (op, line)
+        for op, sizes, line in found
+        if op in ("all-gather", "all-to-all") and any(s in full_sizes for s in sizes)
+    ]
+    kinds = {}
+    for op, _, _ in found:
+        kinds[op] = kinds.get(op, 0) + 1
+    detail = {
+        "collectives": kinds,
+        "expert_weight_sizes": full_sizes,
+        "offending": offending,
+        "gathers": [line for op, _, line in found if op == "all-gather"],
+    }
+    return not offending, detail
+
+
+def check_expert_parallel(directory, checks):
+    import jax
+
+    devices = jax.devices()
+    checks.record("eight_devices", len(devices) == 8, [str(d) for d in devices])
+    mesh = keras.distribution.DeviceMesh(MESH_SHAPE, ["batch", "expert"])
+    layout_map = keras_moe.expert_parallel_layout_map(mesh, expert_axis="expert")
+    distribution = keras.distribution.ModelParallel(
+        layout_map=layout_map, batch_dim_name="batch"
+    )
+    x, y = data()
+    single_pred = np.load(os.path.join(directory, "single_pred.npy"))
+    path = os.path.join(directory, "single.keras")
+
+    with distribution.scope():
+        model = keras.saving.load_model(path)
+    reference = keras.saving.load_model(path)  # same weights, one device
+
+    checks.run("shardings", lambda: sharding_report(model, MESH_SHAPE[1]))
+
+    def replicated_elsewhere():
+        names = {v.path for v, _, _ in expert_variables(model)}
+        others = [v for v in model.weights if v.path not in names]
+        bad = [v.path for v in others if not v.value.sharding.is_fully_replicated]
+        return not bad and bool(others), {"not_replicated": bad}
+
+    checks.run("other_weights_replicated", replicated_elsewhere)
+
+    def reference_on_one_device():
+        devices = {d for v in reference.weights for d in v.value.devices()}
+        return len(devices) == 1, sorted(str(d) for d in devices)
+
+    checks.run("reference_on_one_device", reference_on_one_device)
+
+    with distribution.scope():
+        pred = model.predict(x, batch_size=BATCH, verbose=0)
+    checks.record(
+        "loaded_single_checkpoint_predicts_same",
+        max_diff(pred, single_pred) < TOLERANCE,
+        max_diff(pred, single_pred),
+    )
+
+    # One training step each, same weights, same data: same new weights.
+    # Optimizer variables must be created under the distribution too.
+    with distribution.scope():
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
+    reference.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
+    with distribution.scope():
+        history = model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    ref_history = reference.fit(
+        x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0
+    )
+    loss, ref_loss = history.history["loss"][0], ref_history.history["loss"][0]
+    checks.record(
+        "fit_loss_same", abs(loss - ref_loss) < TOLERANCE, {"ep": loss, "one": ref_loss}
+    )
+    weight_diff = max(
+        max_diff(a, b) for a, b in zip(model.get_weights(), reference.get_weights())
+    )
+    checks.record("fit_weights_same", weight_diff < TOLERANCE, weight_diff)
+    checks.run("shardings_after_fit", lambda: sharding_report(model, MESH_SHAPE[1]))
+
+    def optimizer_slots_sharded():
+        specs = {
+            v.path: str(v.value.sharding.spec)
+            for v in model.optimizer.variables
+            if "expert_kernel" in v.path
+        }
+        ok = bool(specs) and all("expert" in s for s in specs.values())
+        return ok, specs
+
+    checks.run("optimizer_slots_sharded", optimizer_slots_sharded)
+
+    with distribution.scope():
+        ep_eval = model.evaluate(x, y, batch_size=6, verbose=0)
+        ep_pred = model.predict(x, batch_size=6, verbose=0)
+    ref_eval = reference.evaluate(x, y, batch_size=6, verbose=0)
+    ref_pred = reference.predict(x, batch_size=6, verbose=0)
+    checks.record(
+        "evaluate_same",
+        abs(ep_eval - ref_eval) < TOLERANCE,
+        {"ep": ep_eval, "one": ref_eval},
+    )
+    checks.record(
+        "predict_same",
+        max_diff(ep_pred, ref_pred) < TOLERANCE,
+        max_diff(ep_pred, ref_pred),
+    )
+
+    # The programs Keras jits for a train and a predict step (the same
+    # functions, inputs laid out as Keras lays them out).
+    data_sharding = distribution.get_data_layout(x.shape).backend_layout
+    xb = jax.device_put(x, data_sharding)
+    yb = jax.device_put(y, distribution.get_data_layout(y.shape).backend_layout)
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    state = (
+        trainable,
+        non_trainable,
+        [v.value for v in model.optimizer.variables],
+        [v.value for v in model.metrics_variables],
+    )
+    train_hlo = jax.jit(model.train_step).lower(state, (xb, yb)).compile().as_text()
+    predict_hlo = (
+        jax.jit(model.predict_step)
+        .lower((trainable, non_trainable), (xb,))
+        .compile()
+        .as_text()
+    )
+    checks.run(
+        "train_step_no_expert_gather",
+        lambda: no_expert_weight_gathered(train_hlo, model),
+    )
+    checks.run(
+        "predict_step_no_expert_gather",
+        lambda: no_expert_weight_gathered(predict_hlo, model),
+    )
+
+    model.save(os.path.join(directory, "multi.keras"))
+    np.save(os.path.join(directory, "multi_pred.npy"), ep_pred)
+
+
+def main(directory):
+    checks = Checks()
+    try:
+        check_expert_parallel(directory, checks)
+    except Exception:
+        checks.record("completed", False, traceback.format_exc())
+    else:
+        checks.record("completed", True, "")
+    with open(os.path.join(directory, "multi.json"), "w") as f:
+        json.dump(checks.results, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,300 @@
+"""Expert parallelism: `keras_moe.expert_parallel_layout_map`.
+
+The multi-device checks run on 8 simulated CPU devices with the JAX backend
+in a separate process (`tests/distribution_worker.py`), whatever backend this
+suite runs on, so the rest of the suite keeps its single device. The
+checkpoints cross between that process and this one: a model saved here (one
+device, this suite's backend) loads under `ModelParallel` there, and the
+model trained there loads here.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import keras_moe
+from keras_moe import Conv1DMoE
+from keras_moe import Conv2DMoE
+from keras_moe import Conv3DMoE
+from keras_moe import DenseMoE
+from tests import distribution_worker
+from tests.conftest import BACKEND
+from tests.conftest import REPO
+from tests.conftest import to_numpy
+
+WORKER = REPO / "tests" / "distribution_worker.py"
+WORKER_TIMEOUT = 600
+
+# Keras 3.15's distribution API runs on JAX only; on the other backends the
+# map is an error (`test_this_backend`, `test_unsupported_backends_...`), and
+# the multi-device run uses JAX in its own process on every backend's run.
+jax_only = pytest.mark.skipif(
+    BACKEND != "jax", reason="Keras 3.15's distribution API runs on JAX only"
+)
+
+
+def one_device_mesh(axis_names=("batch", "expert")):
+    shape = (1,) * len(axis_names)
+    return keras.distribution.DeviceMesh(shape, list(axis_names), devices=["cpu:0"])
+
+
+# The expert parallel run, 8 simulated devices, its own process -------------
+
+
+def test_expert_parallel_on_eight_simulated_devices(tmp_path):
+    keras.utils.set_random_seed(7)
+    model = distribution_worker.build_model()
+    x, _ = distribution_worker.data()
+    model.save(tmp_path / "single.keras")
+    np.save(tmp_path / "single_pred.npy", to_numpy(model.predict(x, verbose=0)))
+
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": "jax",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+    }
+    run = subprocess.run(
+        [sys.executable, str(WORKER), str(tmp_path)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=WORKER_TIMEOUT,
+    )
+    report_path = tmp_path / "multi.json"
+    assert report_path.exists(), (
+        f"worker wrote no report (rc={run.returncode}):\n{run.stderr[-4000:]}"
+    )
+    report = json.loads(report_path.read_text())
+    failed = {name: r["detail"] for name, r in report.items() if not r["ok"]}
+    assert not failed, json.dumps(failed, indent=1)[:8000]
+    expected_checks = {
+        "eight_devices",
+        "shardings",
+        "other_weights_replicated",
+        "reference_on_one_device",
+        "loaded_single_checkpoint_predicts_same",
+        "fit_loss_same",
+        "fit_weights_same",
+        "shardings_after_fit",
+        "optimizer_slots_sharded",
+        "evaluate_same",
+        "predict_same",
+        "train_step_no_expert_gather",
+        "predict_step_no_expert_gather",
+        "completed",
+    }
+    assert expected_checks <= set(report), sorted(expected_checks - set(report))
+
+    # Each device held a quarter of the experts of every expert weight.
+    rows = report["shardings"]["detail"]
+    assert {r["path"] for r in rows} >= {
+        "conv_experts/expert_kernel",
+        "my_dense_experts/expert_kernel",
+    }
+    for r in rows:
+        assert r["shard_shapes"][0][r["axis"]] * 4 == r["full"][r["axis"]]
+
+    # The checkpoint written on 8 devices loads here, on one device.
+    loaded = keras.saving.load_model(tmp_path / "multi.keras")
+    expected = np.load(tmp_path / "multi_pred.npy")
+    np.testing.assert_allclose(
+        to_numpy(loaded.predict(x, batch_size=6, verbose=0)),
+        expected,
+        atol=distribution_worker.TOLERANCE,
+    )
+
+
+# What the map does, in this process ----------------------------------------
+
+
+@jax_only
+@pytest.mark.parametrize(
+    "layer, input_shape, expected",
+    [
+        (
+            DenseMoE(6, 4),
+            (2, 5),
+            {
+                "expert_kernel": (None, "expert"),
+                "expert_bias": ("expert",),
+                "gating_kernel": (None, None),
+                "gating_bias": (None,),
+            },
+        ),
+        (
+            Conv1DMoE(4, 2, 3),
+            (2, 7, 3),
+            {
+                "expert_kernel": (None, None, "expert"),
+                "gating_kernel": (None, None, "expert"),
+                "expert_bias": ("expert",),
+                "gating_bias": ("expert",),
+            },
+        ),
+        (
+            Conv2DMoE(4, 2, 3, gating_input="pooled"),
+            (2, 6, 6, 3),
+            {
+                "expert_kernel": (None, None, None, "expert"),
+                "gating_kernel": (None, "expert"),
+                "expert_bias": ("expert",),
+                "gating_bias": ("expert",),
+            },
+        ),
+    ],
+)
+def test_layouts_of_a_layer_built_under_the_distribution(layer, input_shape, expected):
+    mesh = one_device_mesh()
+    distribution = keras.distribution.ModelParallel(
+        layout_map=keras_moe.expert_parallel_layout_map(mesh),
+        batch_dim_name="batch",
+    )
+    with distribution.scope():
+        layer.build(input_shape)
+    # The layouts Keras asked the distribution for (one device: no real split).
+    specs = {v.name: tuple(v._layout.axes) for v in layer.weights}
+    specs = {k: v + (None,) * (len(expected[k]) - len(v)) for k, v in specs.items()}
+    assert specs == expected
+
+
+@jax_only
+def test_user_entries_kept_and_user_map_not_modified():
+    mesh = one_device_mesh()
+    user = keras.distribution.LayoutMap(mesh)
+    user[".*head/kernel"] = (None, "expert")
+    user[".*expert_kernel"] = (None, None, None)
+    result = keras_moe.expert_parallel_layout_map(mesh, layout_map=user)
+    assert isinstance(result, keras.distribution.LayoutMap)
+    assert result is not user
+    assert list(user) == [".*head/kernel", ".*expert_kernel"]
+    assert result["model/head/kernel"].axes == (None, "expert")
+    distribution = keras.distribution.ModelParallel(
+        layout_map=result, batch_dim_name="batch"
+    )
+    with distribution.scope():
+        model = keras.Sequential(
+            [keras.Input((5,)), DenseMoE(6, 4), keras.layers.Dense(3, name="head")]
+        )
+    moe, head = model.layers
+    assert tuple(head.kernel._layout.axes) == (None, "expert")
+    # A keras-moe expert weight takes its expert layout over a matching entry.
+    assert tuple(moe.expert_kernel._layout.axes) == (None, "expert")
+
+
+@jax_only
+def test_same_name_in_another_layer_is_left_to_the_user_map():
+    class NotMoE(keras.layers.Layer):
+        def build(self, input_shape):
+            self.expert_kernel = self.add_weight(name="expert_kernel", shape=(4, 4))
+
+        def call(self, x):
+            return x @ self.expert_kernel
+
+    mesh = one_device_mesh()
+    distribution = keras.distribution.ModelParallel(
+        layout_map=keras_moe.expert_parallel_layout_map(mesh),
+        batch_dim_name="batch",
+    )
+    layer = NotMoE()
+    with distribution.scope():
+        layer.build((2, 4))
+    assert tuple(layer.expert_kernel._layout.axes) == (None, None)
+
+
+@pytest.mark.parametrize(
+    "layer, input_shape",
+    [
+        (DenseMoE(6, 4), (2, 5)),
+        (DenseMoE(6, 4), (2, 3, 5)),
+        (Conv1DMoE(4, 3, 3), (2, 7, 2)),
+        (Conv2DMoE(4, 3, 3), (2, 6, 6, 2)),
+        (Conv2DMoE(4, 3, 3, data_format="channels_first"), (2, 2, 6, 6)),
+        (Conv3DMoE(4, 3, 2), (2, 4, 4, 4, 2)),
+        (Conv2DMoE(4, 3, 3, gating_input="pooled"), (2, 6, 6, 2)),
+        (Conv2DMoE(4, 3, 3, gating_input="local"), (2, 6, 6, 2)),
+        (Conv3DMoE(4, 3, 2, gating_input="local"), (2, 4, 4, 4, 2)),
+    ],
+)
+def test_declared_expert_axes_match_the_weights(layer, input_shape):
+    """On every backend: each declared axis is the experts (or filters) axis."""
+    layer.build(input_shape)
+    axes = layer.expert_weight_axes()
+    n = getattr(layer, "n_experts", None) or layer.n_filters
+    weights = {v.name: v for v in layer.weights}
+    assert set(axes) <= set(weights)
+    assert {"expert_kernel", "expert_bias"} <= set(axes)
+    for name, axis in axes.items():
+        shape = tuple(weights[name].shape)
+        per_expert = 1
+        if name == "expert_kernel" and not isinstance(layer, DenseMoE):
+            per_expert = layer.n_experts_per_filter  # channel f * K + k
+        assert shape[axis] == n * per_expert, (name, shape, axis)
+
+
+# Arguments and backends -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, exception, message",
+    [
+        (
+            {"mesh": "mesh"},
+            TypeError,
+            r"`mesh` must be a `keras.distribution.DeviceMesh`",
+        ),
+        (
+            {"expert_axis": "model"},
+            ValueError,
+            r"`expert_axis` must be the name of an axis.*model",
+        ),
+        ({"expert_axis": 0}, ValueError, r"`expert_axis` must be the name"),
+        (
+            {"layout_map": {"a": (None,)}},
+            TypeError,
+            r"`layout_map` must be a `keras.distribution.LayoutMap`",
+        ),
+        (
+            {"layout_map": "other mesh"},
+            ValueError,
+            r"`layout_map` must be built on the same `mesh`",
+        ),
+    ],
+)
+def test_bad_arguments(kwargs, exception, message):
+    mesh = one_device_mesh()
+    if kwargs.get("layout_map") == "other mesh":
+        kwargs["layout_map"] = keras.distribution.LayoutMap(one_device_mesh())
+    kwargs = {"mesh": mesh, **kwargs}
+    with pytest.raises(exception, match=message):
+        keras_moe.expert_parallel_layout_map(**kwargs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow", "numpy"])
+def test_unsupported_backends_get_a_clear_error(backend, monkeypatch):
+    monkeypatch.setattr(keras.backend, "backend", lambda: backend)
+    # An explicit device: `keras.distribution.list_devices()` fails on torch.
+    mesh = one_device_mesh()
+    with pytest.raises(
+        NotImplementedError,
+        match=rf"JAX backend only: .*Received: backend='{backend}'",
+    ):
+        keras_moe.expert_parallel_layout_map(mesh)
+
+
+def test_this_backend():
+    """JAX gets a LayoutMap; torch and TensorFlow, whose Keras 3.15 distribution
+    support would silently ignore the layout, get the error."""
+    mesh = one_device_mesh()
+    if BACKEND == "jax":
+        layout_map = keras_moe.expert_parallel_layout_map(mesh)
+        assert isinstance(layout_map, keras.distribution.LayoutMap)
+    else:
+        with pytest.raises(NotImplementedError, match=r"KERAS_BACKEND=jax"):
+            keras_moe.expert_parallel_layout_map(mesh)
