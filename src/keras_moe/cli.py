@@ -1,0 +1,64 @@
+"""The `keras-moe` command (also `python -m keras_moe`): the experiments.
+
+Every subcommand is one module with `DESCRIPTION`, `add_arguments(parser)`
+and `run(args)`. To add one, add its module to `SUBCOMMANDS`. Every
+subcommand gets `--out DIR` (default `results/<name>`) and `--quick`.
+"""
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "cifar10": "keras_moe.experiments.cifar10",
+    "jacobian": "keras_moe.experiments.jacobian",
+    "mnist1d": "keras_moe.experiments.mnist1d",
+}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="keras-moe",
+        description=(
+            "Experiments with keras-moe's mixture-of-experts layers. The Keras "
+            "backend is KERAS_BACKEND's, else the Keras config's, else the first "
+            "installed of JAX, PyTorch and TensorFlow."
+        ),
+    )
+    from keras_moe.version import __version__
+
+    parser.add_argument("--version", action="version", version=__version__)
+    subparsers = parser.add_subparsers(
+        dest="subcommand", metavar="SUBCOMMAND", required=True
+    )
+    for name, module_name in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        subparser = subparsers.add_parser(
+            name,
+            help=module.DESCRIPTION.splitlines()[0],
+            description=module.DESCRIPTION,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        subparser.add_argument(
+            "--out",
+            default=f"results/{name}",
+            help="folder for results.json, the plots and summary.md",
+        )
+        subparser.add_argument(
+            "--quick",
+            action="store_true",
+            help="a smoke run of well under a minute on 2 CPU cores (tiny settings)",
+        )
+        module.add_arguments(subparser)
+        subparser.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    from keras_moe.experiments.common import command_line
+
+    args.command_line = command_line(argv)
+    args.run(args)
+    return 0
