@@ -127,7 +127,9 @@ def top_k_gates(logits, top_k, normalize_top_k=True):
     probs = ops.softmax(logits, axis=-1)
     top_logits, experts = ops.top_k(logits, top_k)
     experts = ops.cast(experts, "int32")
-    if normalize_top_k:
+    if normalize_top_k and top_k == 1:
+        weights = ops.ones_like(top_logits)
+    elif normalize_top_k:
         weights = ops.softmax(top_logits, axis=-1)
     else:
         weights = ops.take_along_axis(probs, experts, axis=-1)
@@ -621,12 +623,12 @@ class SparseRouter:
                 f"`{type(self).__name__}` has no routing statistics before it is "
                 "built and called. Received: built=False"
             )
-        return self._stats_dict(ops.convert_to_numpy(self.routing_stats_last))
+        return self._stats_dict(ops.convert_to_numpy(self.routing_stats_last.value))
 
     def routing_stats_mean(self):
         """Mean routing statistics over the training calls since the last
         `reset_routing_stats` (`None` if there were none), plus `steps`."""
-        values = ops.convert_to_numpy(self.routing_stats_sum)
+        values = ops.convert_to_numpy(self.routing_stats_sum.value)
         steps = float(values[-1])
         if steps == 0:
             return None
@@ -635,7 +637,7 @@ class SparseRouter:
         return stats
 
     def reset_routing_stats(self):
-        self.routing_stats_sum.assign(ops.zeros_like(self.routing_stats_sum))
+        self.routing_stats_sum.assign(ops.zeros(self.routing_stats_sum.shape))
 
     def _sparse_router_config(self):
         return {

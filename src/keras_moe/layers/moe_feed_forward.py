@@ -145,7 +145,7 @@ class MoEFeedForward(routing.SparseRouter, keras.layers.Layer):
         )
         self.bias_constraint = utils.get_constraint("bias_constraint", bias_constraint)
         self._init_sparse_router(
-            top_k,
+            utils.check_positive_int("top_k", top_k),
             normalize_top_k,
             noisy_gating,
             capacity_factor,

@@ -1,0 +1,303 @@
+"""The routing core: top-k gates, sparse dispatch in every layout, capacity,
+auxiliary losses and statistics, against NumPy references."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+from keras import ops
+
+from keras_moe import routing
+from tests.conftest import to_numpy
+
+N_EXPERTS = 5
+
+
+def np_softmax(x, axis=-1):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def np_top_k_gates(logits, k, normalize):
+    """Reference: experts by decreasing logit, softmax weights (float64)."""
+    logits = logits.astype("float64")
+    experts = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    chosen = np.take_along_axis(logits, experts, axis=-1)
+    if normalize:
+        weights = np_softmax(chosen)
+    else:
+        weights = np.take_along_axis(np_softmax(logits), experts, axis=-1)
+    return weights, experts
+
+
+def np_sparse_mixture(x, experts, weights, kernel, bias, capacity=None, mask=None):
+    """Reference: loop over tokens and their choices; with `capacity`, choices
+    are served slot-major (every first choice before any second) in token
+    order, and an expert's assignments past `capacity` are dropped."""
+    n, k = experts.shape
+    out = np.zeros((n, kernel.shape[-1]))
+    served = np.zeros(kernel.shape[0], int)
+    dropped = routed = 0
+    for slot in range(k):
+        for t in range(n):
+            if mask is not None and not mask[t]:
+                continue
+            e = experts[t, slot]
+            routed += 1
+            if capacity is not None and served[e] >= capacity:
+                dropped += 1
+                continue
+            served[e] += 1
+            out[t] += weights[t, slot] * np.tanh(x[t] @ kernel[e] + bias[e])
+    return out, dropped / max(routed, 1)
+
+
+def random_case(seed, n=23, d=6, m=7, skew=0.0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype("float32")
+    kernel = rng.normal(size=(N_EXPERTS, d, m)).astype("float32") / math.sqrt(d)
+    bias = rng.normal(size=(N_EXPERTS, m)).astype("float32")
+    logits = rng.normal(size=(n, N_EXPERTS)).astype("float32")
+    logits[:, 0] += skew
+    return x, kernel, bias, logits
+
+
+def run_sparse(
+    x, logits, kernel, bias, k, normalize=True, capacity_factor=None, mask=None
+):
+    weights, experts, _ = routing.top_k_gates(logits, k, normalize)
+
+    def expert_fn(layout, h):
+        return ops.tanh(layout.add_bias(layout.matmul(h, kernel), bias))
+
+    out, sizes, dropped = routing.sparse_mixture(
+        x, experts, weights, N_EXPERTS, expert_fn, capacity_factor, mask
+    )
+    return to_numpy(out), to_numpy(sizes), float(to_numpy(dropped))
+
+
+def force_dropless_path(request, path):
+    """Forces one of the dropless layouts the keras.ops path can take."""
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    if path == "blocks":
+        monkeypatch.setattr(routing, "DROPLESS_CAPACITY_FACTORS", ())
+        monkeypatch.setattr(routing, "_backend_function", lambda name: None)
+    elif path == "capacity_fast_path":
+        monkeypatch.setattr(routing, "DROPLESS_CAPACITY_FACTORS", (1.0, 1.5))
+        monkeypatch.setattr(routing, "_backend_function", lambda name: None)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, N_EXPERTS])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_top_k_gates_match_numpy(k, normalize):
+    _, _, _, logits = random_case(0)
+    weights, experts, probs = routing.top_k_gates(logits, k, normalize)
+    ref_weights, ref_experts = np_top_k_gates(logits, k, normalize)
+    np.testing.assert_array_equal(to_numpy(experts), ref_experts)
+    np.testing.assert_allclose(to_numpy(weights), ref_weights, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(probs), np_softmax(logits), rtol=1e-5)
+    assert to_numpy(weights).dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "k, normalize, path",
+    [
+        (k, normalize, "default")
+        for k in (1, 2, 3, N_EXPERTS)
+        for normalize in (True, False)
+    ]
+    + [(k, True, path) for k in (1, 3) for path in ("blocks", "capacity_fast_path")],
+)
+def test_dropless_mixture_matches_numpy(k, normalize, path, request):
+    force_dropless_path(request, path)
+    x, kernel, bias, logits = random_case(k, skew=1.0)
+    out, sizes, dropped = run_sparse(x, logits, kernel, bias, k, normalize)
+    weights, experts = np_top_k_gates(logits, k, normalize)
+    ref, _ = np_sparse_mixture(x, experts, weights, kernel, bias)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(sizes, np.bincount(experts.ravel(), minlength=5))
+    assert dropped == 0.0
+
+
+def test_skewed_routing_takes_the_exact_fallback(monkeypatch):
+    """Everything to expert 0: no capacity buffer holds it, nothing is dropped."""
+    monkeypatch.setattr(routing, "_backend_function", lambda name: None)
+    x, kernel, bias, logits = random_case(3, skew=50.0)
+    out, sizes, dropped = run_sparse(x, logits, kernel, bias, 1)
+    weights, experts = np_top_k_gates(logits, 1, True)
+    assert sizes[0] == len(x)
+    ref, _ = np_sparse_mixture(x, experts, weights, kernel, bias)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_large_capacity_equals_dropless(k):
+    x, kernel, bias, logits = random_case(5, skew=2.0)
+    dropless, _, _ = run_sparse(x, logits, kernel, bias, k)
+    capped, _, dropped = run_sparse(x, logits, kernel, bias, k, capacity_factor=10.0)
+    np.testing.assert_allclose(capped, dropless, rtol=1e-5, atol=1e-6)
+    assert dropped == 0.0
+
+
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 1.25])
+@pytest.mark.parametrize("k", [1, 2])
+def test_capacity_drops_overflow_like_numpy(capacity_factor, k):
+    x, kernel, bias, logits = random_case(7, skew=1.5)
+    out, _, dropped = run_sparse(
+        x, logits, kernel, bias, k, capacity_factor=capacity_factor
+    )
+    weights, experts = np_top_k_gates(logits, k, True)
+    capacity = math.ceil(capacity_factor * len(x) * k / N_EXPERTS)
+    ref, ref_dropped = np_sparse_mixture(x, experts, weights, kernel, bias, capacity)
+    assert ref_dropped > 0  # the case really overflows
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    assert dropped == pytest.approx(ref_dropped, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "capacity_factor, path", [(None, "default"), (None, "blocks"), (1.0, "default")]
+)
+def test_masked_tokens_are_not_dispatched(capacity_factor, path, request):
+    force_dropless_path(request, path)
+    x, kernel, bias, logits = random_case(11, skew=1.0)
+    mask = np.random.default_rng(0).random(len(x)) > 0.4
+    out, sizes, dropped = run_sparse(
+        x, logits, kernel, bias, 2, capacity_factor=capacity_factor, mask=mask
+    )
+    weights, experts = np_top_k_gates(logits, 2, True)
+    capacity = None
+    if capacity_factor is not None:
+        capacity = math.ceil(capacity_factor * len(x) * 2 / N_EXPERTS)
+    ref, ref_dropped = np_sparse_mixture(
+        x, experts, weights, kernel, bias, capacity, mask
+    )
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(out[~mask], 0.0)
+    assert sizes.sum() == 2 * mask.sum()
+    assert dropped == pytest.approx(ref_dropped, abs=1e-6)
+
+
+def test_top_k_all_experts_is_the_softmax_mixture():
+    x, kernel, bias, logits = random_case(13)
+    out, _, _ = run_sparse(x, logits, kernel, bias, N_EXPERTS)
+    h = np.tanh(np.einsum("nd,edm->nem", x, kernel) + bias)
+    ref = np.einsum("nem,ne->nm", h, np_softmax(logits.astype("float64")))
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def np_load_balance(logits, k, mask=None):
+    keep = np.ones(len(logits), bool) if mask is None else mask
+    probs = np_softmax(logits.astype("float64"))[keep]
+    _, experts = np_top_k_gates(logits[keep], k, True)
+    f = np.bincount(experts.ravel(), minlength=logits.shape[1]) / experts.size
+    return logits.shape[1] * np.sum(f * probs.mean(axis=0))
+
+
+def np_z_loss(logits, mask=None):
+    keep = np.ones(len(logits), bool) if mask is None else mask
+    z = logits.astype("float64")[keep]
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    return np.mean(lse**2)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, N_EXPERTS])
+@pytest.mark.parametrize("masked", [False, True])
+def test_losses_match_numpy(k, masked):
+    _, _, _, logits = random_case(17, skew=0.7)
+    mask = np.random.default_rng(1).random(len(logits)) > 0.3 if masked else None
+    _, experts, probs = routing.top_k_gates(logits, k)
+    sizes = routing.Assignments(experts, ops.ones(experts.shape), N_EXPERTS, mask)
+    balance = routing.load_balance_loss(probs, sizes.group_sizes, mask)
+    z = routing.router_z_loss(logits, mask)
+    assert to_numpy(balance).dtype == np.float32
+    assert float(to_numpy(balance)) == pytest.approx(
+        np_load_balance(logits, k, mask), rel=1e-5
+    )
+    assert float(to_numpy(z)) == pytest.approx(np_z_loss(logits, mask), rel=1e-5)
+
+
+def test_masked_tokens_do_not_change_the_losses():
+    _, _, _, logits = random_case(19)
+    mask = np.arange(len(logits)) < 15
+    garbage = logits.copy()
+    garbage[~mask] = 100.0 * np.arange(N_EXPERTS)
+    for values in (logits, garbage):
+        _, experts, probs = routing.top_k_gates(values, 2)
+        sizes = routing.Assignments(experts, ops.ones(experts.shape), N_EXPERTS, mask)
+        balance = float(
+            to_numpy(routing.load_balance_loss(probs, sizes.group_sizes, mask))
+        )
+        z = float(to_numpy(routing.router_z_loss(values, mask)))
+        assert balance == pytest.approx(np_load_balance(logits[mask], 2), rel=1e-5)
+        assert z == pytest.approx(np_z_loss(logits[mask]), rel=1e-5)
+
+
+def test_load_balance_is_one_at_perfect_balance():
+    # Every expert gets the same share of the assignments and of the softmax.
+    logits = np.tile(np.eye(N_EXPERTS, dtype="float32") * 3.0, (4, 1))
+    _, experts, probs = routing.top_k_gates(logits, 1)
+    sizes = routing.Assignments(experts, ops.ones(experts.shape), N_EXPERTS)
+    loss = routing.load_balance_loss(probs, sizes.group_sizes)
+    assert float(to_numpy(loss)) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_statistics():
+    _, _, _, logits = random_case(23, skew=1.0)
+    _, experts, _ = routing.top_k_gates(logits, 2)
+    sizes = np.bincount(to_numpy(experts).ravel(), minlength=N_EXPERTS)
+    stats = to_numpy(routing.routing_statistics(sizes, 0.25, logits))
+    np.testing.assert_allclose(stats[:N_EXPERTS], sizes / sizes.sum(), rtol=1e-6)
+    assert stats[N_EXPERTS] == pytest.approx(0.25)
+    p = np_softmax(logits.astype("float64"))
+    assert stats[N_EXPERTS + 1] == pytest.approx(
+        -(p * np.log(p)).sum(-1).mean(), rel=1e-5
+    )
+
+
+def test_noisy_logits_scale_and_seed():
+    _, _, _, logits = random_case(29)
+    x = np.ones((len(logits), 3), "float32")
+    noise_kernel = np.full((3, N_EXPERTS), -30.0, "float32")  # softplus ~ 0
+    quiet = routing.noisy_logits(logits, x, noise_kernel, keras.random.SeedGenerator(1))
+    np.testing.assert_allclose(to_numpy(quiet), logits, atol=1e-6)
+    loud_kernel = np.full((3, N_EXPERTS), 1.0, "float32")  # softplus(3) ~ 3.05
+    a = to_numpy(
+        routing.noisy_logits(logits, x, loud_kernel, keras.random.SeedGenerator(1))
+    )
+    b = to_numpy(
+        routing.noisy_logits(logits, x, loud_kernel, keras.random.SeedGenerator(1))
+    )
+    np.testing.assert_array_equal(a, b)
+    assert np.std(a - logits) == pytest.approx(math.log1p(math.e**3), rel=0.2)
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    n=st.sampled_from([1, 7]),
+    k=st.integers(1, N_EXPERTS),
+    seed=st.integers(0, 2**16),
+)
+def test_normalized_gates_sum_to_one_and_outputs_have_token_shape(n, k, seed):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, N_EXPERTS)).astype("float32") * 3
+    weights, experts, _ = routing.top_k_gates(logits, k)
+    np.testing.assert_allclose(to_numpy(weights).sum(-1), 1.0, rtol=1e-5)
+    assert (np.diff(np.sort(to_numpy(experts), -1), axis=-1) > 0).all()
+    x = rng.normal(size=(n, 3)).astype("float32")
+    kernel = rng.normal(size=(N_EXPERTS, 3, 2)).astype("float32")
+    out, sizes, _ = run_sparse(
+        x, logits, kernel, np.zeros((N_EXPERTS, 2), "float32"), k
+    )
+    assert out.shape == (n, 2)
+    assert sizes.sum() == n * k
+
+
+def test_key_overflow_is_a_clear_error():
+    experts = ops.zeros((2**20, 2), "int32")
+    with pytest.raises(ValueError, match="n_experts=1024"):
+        routing.Assignments(experts, ops.zeros((2**20, 2)), 1024)
