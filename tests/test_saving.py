@@ -1,0 +1,164 @@
+"""Training with `jit_compile=True`, `.keras` files (safe mode), and `.keras`
+files written on JAX loaded on the current backend."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+from keras_moe import Conv1DMoE
+from keras_moe import Conv2DMoE
+from keras_moe import Conv3DMoE
+from keras_moe import DenseMoE
+from tests.conftest import REPO
+from tests.conftest import to_numpy
+
+# The same script builds the model here and in the JAX subprocess.
+MODEL_SOURCE = textwrap.dedent(
+    """
+    import keras
+    from keras_moe import Conv1DMoE, Conv2DMoE, Conv3DMoE, DenseMoE
+
+    def all_layers_model():
+        inputs = keras.Input((4, 4, 4, 2))
+        x = Conv3DMoE(2, 2, 2, padding="same", expert_activation="relu",
+                      gating_activation="softmax")(inputs)
+        x = keras.layers.Reshape((4, 4, 8))(x)
+        x = Conv2DMoE(3, 2, (3, 2), padding="same", data_format="channels_first",
+                      gating_activation="softmax",
+                      expert_kernel_regularizer="l2")(x)
+        x = keras.layers.Reshape((12, 8))(x)
+        x = Conv1DMoE(2, 2, 3, padding="causal", dilation_rate=2,
+                      expert_activation="tanh", use_gating_bias=False)(x)
+        outputs = DenseMoE(3, 2, gating_activation="softmax",
+                           expert_bias_initializer="ones")(x)
+        return keras.Model(inputs, outputs)
+    """
+)
+namespace = {}
+exec(MODEL_SOURCE, namespace)
+all_layers_model = namespace["all_layers_model"]
+
+
+def data(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4, 4, 4, 2)).astype("float32")
+    y = rng.normal(size=(n, 12, 3)).astype("float32")
+    return x, y
+
+
+def test_all_layers_model_runs_and_serialises_every_layer():
+    model = all_layers_model()
+    kinds = {type(layer) for layer in model.layers}
+    assert {Conv1DMoE, Conv2DMoE, Conv3DMoE, DenseMoE} <= kinds
+    assert tuple(model.output.shape) == (None, 12, 3)
+
+
+def tiny_model():
+    inputs = keras.Input((6, 2))
+    x = Conv1DMoE(2, 2, 3, padding="same", gating_activation="softmax")(inputs)
+    outputs = DenseMoE(2, 2, expert_activation="relu", gating_activation="softmax")(x)
+    return keras.Model(inputs, outputs)
+
+
+def test_fit_with_jit_compile():
+    model = tiny_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=True)
+    assert model.jit_compile is True
+    before = [to_numpy(w).copy() for w in model.trainable_weights]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 6, 2)).astype("float32")
+    y = rng.normal(size=(8, 6, 2)).astype("float32")
+    history = model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    after = [to_numpy(w) for w in model.trainable_weights]
+    assert len(before) == len(after) == 8
+    for w0, w1, variable in zip(before, after, model.trainable_weights):
+        assert not np.allclose(w0, w1), f"{variable.path} did not change"
+
+
+def test_keras_file_round_trip_in_safe_mode(tmp_path):
+    model = all_layers_model()
+    model.compile(optimizer="adam", loss="mse")
+    x, y = data()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    expected = to_numpy(model.predict(x, verbose=0))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    restored = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_array_equal(to_numpy(restored.predict(x, verbose=0)), expected)
+    for original, loaded in zip(model.layers, restored.layers):
+        assert type(loaded) is type(original)
+        assert loaded.get_config() == original.get_config()
+    # The optimizer state came along: training continues from the same point.
+    assert restored.optimizer.iterations.numpy() == model.optimizer.iterations.numpy()
+
+
+def test_keras_file_of_mixed_precision_layers(tmp_path):
+    inputs = keras.Input((5, 3))
+    outputs = Conv1DMoE(2, 2, 3, dtype="mixed_bfloat16")(inputs)
+    outputs = DenseMoE(2, 2, dtype="mixed_bfloat16")(outputs)
+    model = keras.Model(inputs, outputs)
+    path = tmp_path / "mixed.keras"
+    model.save(path)
+    restored = keras.saving.load_model(path, safe_mode=True)
+    x = np.random.default_rng(1).normal(size=(2, 5, 3)).astype("float32")
+    assert restored.layers[-1].dtype_policy.name == "mixed_bfloat16"
+    assert restored.layers[-1].gating_kernel.dtype == "float32"
+    np.testing.assert_array_equal(
+        to_numpy(keras.ops.cast(restored(x), "float32")),
+        to_numpy(keras.ops.cast(model(x), "float32")),
+    )
+
+
+JAX_WRITER = """
+import sys
+import numpy as np
+import keras
+assert keras.backend.backend() == "jax", keras.backend.backend()
+{model_source}
+keras.utils.set_random_seed(7)
+model = all_layers_model()
+rng = np.random.default_rng(3)
+for w in model.weights:
+    w.assign(0.5 * rng.normal(size=w.shape).astype("float32"))
+x = rng.normal(size=(3, 4, 4, 4, 2)).astype("float32")
+out = sys.argv[1]
+model.save(out + "/model.keras")
+np.savez(out + "/io.npz", x=x, y=np.asarray(model.predict(x, verbose=0)))
+"""
+
+
+@pytest.fixture(scope="module")
+def jax_saved_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("saved_on_jax")
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    script = JAX_WRITER.format(model_source=MODEL_SOURCE)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_keras_file_saved_on_jax_loads_here(jax_saved_model):
+    io = np.load(jax_saved_model / "io.npz")
+    model = keras.saving.load_model(jax_saved_model / "model.keras", safe_mode=True)
+    assert {type(layer) for layer in model.layers} >= {
+        Conv1DMoE,
+        Conv2DMoE,
+        Conv3DMoE,
+        DenseMoE,
+    }
+    y = to_numpy(model.predict(io["x"], verbose=0))
+    np.testing.assert_allclose(y, io["y"], rtol=1e-5, atol=1e-5)
+    assert np.abs(io["y"]).max() > 0.1  # not a trivially zero output
