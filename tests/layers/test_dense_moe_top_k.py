@@ -1,0 +1,203 @@
+"""DenseMoE with sparse top-k routing: Keras's layer harness, a NumPy reference,
+`top_k=n_experts` equals the soft mixture, losses, fit under jit_compile,
+save/load and bad arguments. (The soft mixture is tested in test_dense_moe.py.)"""
+
+import keras
+import numpy as np
+import pytest
+from keras.src import testing
+
+from keras_moe import DenseMoE
+from tests.conftest import to_numpy
+
+D, U, E = 6, 5, 4
+
+
+def np_softmax(x, axis=-1):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def reference(layer, x):
+    """Each token mixes its top-k experts' relu(W x + c) (float64)."""
+    tokens = x.reshape(-1, D).astype("float64")
+    kernel = to_numpy(layer.expert_kernel).astype("float64")  # (d, e, u)
+    bias = to_numpy(layer.expert_bias).astype("float64")
+    logits = tokens @ to_numpy(layer.gating_kernel) + to_numpy(layer.gating_bias)
+    experts = np.argsort(-logits, axis=-1, kind="stable")[:, : layer.top_k]
+    chosen = np.take_along_axis(logits, experts, -1)
+    if layer.normalize_top_k:
+        gates = np_softmax(chosen)
+    else:
+        gates = np.take_along_axis(np_softmax(logits), experts, -1)
+    h = np.maximum(np.einsum("nd,deu->neu", tokens, kernel) + bias, 0.0)
+    out = np.einsum("nku,nk->nu", np.take_along_axis(h, experts[..., None], 1), gates)
+    return out.reshape(x.shape[:-1] + (U,))
+
+
+def randomized(layer, x):
+    layer.build(x.shape)
+    rng = np.random.default_rng(0)
+    for v in layer.trainable_weights:
+        v.assign(rng.normal(size=v.shape).astype("float32"))
+    return layer
+
+
+class DenseMoETopKLayerTest(testing.TestCase):
+    def test_layer_harness(self):
+        self.run_layer_test(
+            DenseMoE,
+            init_kwargs={
+                "units": 3,
+                "n_experts": 4,
+                "expert_activation": "relu",
+                "top_k": 2,
+                "load_balance_weight": 0.01,
+            },
+            input_shape=(2, 3, 5),
+            expected_output_shape=(2, 3, 3),
+            expected_num_trainable_weights=4,
+            expected_num_non_trainable_weights=2,
+            expected_num_seed_generators=0,
+            expected_num_losses=0,
+            supports_masking=True,
+        )
+
+    def test_layer_harness_noisy_capacity(self):
+        self.run_layer_test(
+            DenseMoE,
+            init_kwargs={
+                "units": 3,
+                "n_experts": 3,
+                "top_k": 1,
+                "noisy_gating": True,
+                "capacity_factor": 1.0,
+                "use_expert_bias": False,
+            },
+            input_shape=(4, 5),
+            expected_output_shape=(4, 3),
+            expected_num_trainable_weights=4,
+            expected_num_non_trainable_weights=2,
+            expected_num_seed_generators=1,
+            expected_num_losses=0,
+            supports_masking=True,
+        )
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_matches_numpy_reference(k, normalize):
+    x = np.random.default_rng(k).normal(size=(3, 4, D)).astype("float32")
+    layer = randomized(
+        DenseMoE(U, E, expert_activation="relu", top_k=k, normalize_top_k=normalize),
+        x,
+    )
+    np.testing.assert_allclose(
+        to_numpy(layer(x)), reference(layer, x), rtol=1e-4, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 100.0])
+def test_top_k_all_experts_equals_the_soft_mixture(capacity_factor):
+    x = np.random.default_rng(1).normal(size=(7, D)).astype("float32")
+    soft = randomized(
+        DenseMoE(U, E, expert_activation="tanh", gating_activation="softmax"), x
+    )
+    sparse = DenseMoE(
+        U,
+        E,
+        expert_activation="tanh",
+        gating_activation="softmax",
+        top_k=E,
+        capacity_factor=capacity_factor,
+    )
+    sparse.build(x.shape)
+    for name in ("expert_kernel", "expert_bias", "gating_kernel", "gating_bias"):
+        getattr(sparse, name).assign(getattr(soft, name))
+    np.testing.assert_allclose(
+        to_numpy(sparse(x)), to_numpy(soft(x)), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_soft_mixture_keeps_its_weights_and_config():
+    layer = DenseMoE(U, E)
+    layer.build((None, D))
+    assert [v.name for v in layer.weights] == [
+        "expert_kernel",
+        "gating_kernel",
+        "expert_bias",
+        "gating_bias",
+    ]
+    config = layer.get_config()
+    assert config["top_k"] is None and config["capacity_factor"] is None
+    assert DenseMoE.from_config(config).top_k is None
+
+
+def test_losses_statistics_and_gradients():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(32, D)).astype("float32")
+    y = rng.normal(size=(32, U)).astype("float32")
+    layer = DenseMoE(U, E, top_k=2, load_balance_weight=0.1, router_z_loss_weight=0.01)
+    layer(x, training=True)
+    assert len(layer.losses) == 2
+    stats = layer.routing_stats
+    assert stats["expert_load"].sum() == pytest.approx(1.0, rel=1e-5)
+    assert stats["dropped_fraction"] == 0.0
+    model = keras.Sequential([keras.Input((D,)), layer])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    before = {v.name: to_numpy(v).copy() for v in layer.trainable_weights}
+    model.train_on_batch(x, y)
+    for v in layer.trainable_weights:
+        assert not np.allclose(to_numpy(v), before[v.name]), v.name
+
+
+def test_mixed_precision_keeps_the_router_in_float32():
+    keras.config.set_dtype_policy("mixed_float16")
+    x = np.random.default_rng(3).normal(size=(8, D)).astype("float32")
+    layer = DenseMoE(U, E, top_k=2, router_z_loss_weight=1.0)
+    y = layer(x, training=True)
+    assert keras.backend.standardize_dtype(y.dtype) == "float16"
+    assert layer.gating_kernel.dtype == "float32"
+    assert keras.backend.standardize_dtype(layer.losses[0].dtype) == "float32"
+
+
+def test_fit_jit_compile_and_save_load(tmp_path):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(48, 2, D)).astype("float32")
+    y = rng.normal(size=(48, 2, U)).astype("float32")
+    model = keras.Sequential(
+        [keras.Input((2, D)), DenseMoE(U, E, top_k=2, capacity_factor=0.75)]
+    )
+    model.compile("adam", "mse", jit_compile=True)
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    mean = model.layers[0].routing_stats_mean()
+    assert mean["steps"] == 3 and mean["dropped_fraction"] > 0.0
+    path = tmp_path / "dense_moe_top_k.keras"
+    model.save(path)
+    restored = keras.models.load_model(path)
+    np.testing.assert_allclose(
+        to_numpy(restored.predict(x, verbose=0)),
+        to_numpy(model.predict(x, verbose=0)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"top_k": 5}, ValueError, "`top_k` must be an integer from 1 to `n_experts`"),
+        ({"top_k": 0}, ValueError, "`top_k`.*Received: top_k=0"),
+        ({"top_k": 1.5}, TypeError, "`top_k`.*Received: top_k=1.5"),
+        ({"capacity_factor": 1.0}, ValueError, "`capacity_factor` applies only"),
+        ({"noisy_gating": True}, ValueError, "`noisy_gating` applies only"),
+        ({"load_balance_weight": 0.1}, ValueError, "`load_balance_weight` applies"),
+        ({"top_k": 2, "capacity_factor": -1.0}, ValueError, "`capacity_factor`"),
+        ({"top_k": 2, "normalize_top_k": "yes"}, TypeError, "`normalize_top_k`"),
+        ({"top_k": 2, "router_z_loss_weight": float("nan")}, ValueError, "z_loss"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        DenseMoE(U, E, **kwargs)
