@@ -312,16 +312,18 @@ class BaseConvMoE(BaseMoE):
         )
 
     def call(self, inputs, training=None):
-        gates = routing.gate_values(self.gate_logits(inputs), self.gating_activation)
+        gates_shape = (self.n_filters, self.n_experts_per_filter)
+        logits = self.gate_logits(inputs)
+        if self.gating_input == "local":
+            # (b, s, f, k): TensorFlow's CPU softmax takes at most rank 5.
+            logits = ops.reshape(logits, (ops.shape(logits)[0], -1) + gates_shape)
+        gates = routing.gate_values(logits, self.gating_activation)
         if self._uses_mixed_kernel(inputs):
             outputs = self.mixed_kernel_outputs(self._to_channels_last(inputs), gates)
             return self._from_channels_last(outputs)
         h = self.expert_outputs(self._to_channels_last(inputs))
         spatial = ops.shape(h)[1:-2]
-        gates_shape = (self.n_filters, self.n_experts_per_filter)
         h = ops.reshape(h, (ops.shape(h)[0], -1) + gates_shape)
-        if self.gating_input == "local":
-            gates = ops.reshape(gates, (ops.shape(h)[0], -1) + gates_shape)
         outputs = routing.soft_mixture_per_filter(h, gates)
         outputs = ops.reshape(outputs, (ops.shape(h)[0],) + spatial + (self.n_filters,))
         return self._from_channels_last(outputs)
