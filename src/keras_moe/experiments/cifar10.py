@@ -9,10 +9,16 @@ softmax gates). RMSprop, learning rate 1e-4 with Keras 2's `decay=1e-6`
 during training, the test set as validation data after every epoch.
 
 Controlled models, beyond the original: `cnn-wide`, the CNN with every layer
-widened by one factor until it has as many parameters as the MoE network, and
-`moe-pooled`, the MoE network whose conv gates read the spatial mean of their
-input (`gating_input="pooled"`) instead of millions of weights on the whole
-flattened input.
+widened by one factor until it has as many parameters as the MoE network (and
+about 6 times the CNN's compute); `cnn-wide-dense`, the CNN with only its
+Dense layer widened to the MoE's parameter count (the MoE's extra parameters
+are mostly gating weights, which cost little compute, as a wide Dense does);
+and `moe-pooled`, the MoE network whose conv gates read the spatial mean of
+their input (`gating_input="pooled"`) instead of millions of weights on the
+whole flattened input.
+
+Long runs can be split: train disjoint `--models` in separate processes with
+one protocol, then `--merge DIR ...` combines their results.json files.
 """
 
 import inspect
@@ -27,12 +33,13 @@ from keras_moe.experiments import common
 from keras_moe.experiments import data as data_lib
 
 DESCRIPTION = __doc__
-MODELS = ("cnn", "moe", "moe-pooled", "cnn-wide")
+MODELS = ("cnn", "moe", "moe-pooled", "cnn-wide-dense", "cnn-wide")
 LABELS = {
     "cnn": "CNN (original)",
     "moe": "MoE (original)",
-    "cnn-wide": "CNN widened to the MoE's parameters",
     "moe-pooled": "MoE, pooled conv gating",
+    "cnn-wide-dense": "CNN, Dense widened to the MoE's parameters",
+    "cnn-wide": "CNN, all layers widened to the MoE's parameters",
 }
 
 
@@ -79,6 +86,14 @@ def add_arguments(parser):
     parser.add_argument(
         "--verbose", type=int, default=1, choices=(0, 1, 2), help="Keras fit verbosity"
     )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        default=None,
+        help="train nothing: combine the results.json of these folders (runs of "
+        "the same protocol with disjoint --models) into --out",
+    )
 
 
 def pooled_gating_available():
@@ -88,7 +103,7 @@ def pooled_gating_available():
 
 
 def _conv(kind, filters, padding, width=1.0, gating_input=None):
-    if kind == "cnn":
+    if kind in ("cnn", "cnn-dense"):
         return keras.layers.Conv2D(
             max(1, round(filters * width)), 3, padding=padding, activation="relu"
         )
@@ -105,7 +120,7 @@ def _conv(kind, filters, padding, width=1.0, gating_input=None):
 
 
 def _dense(kind, units, width=1.0):
-    if kind == "cnn":
+    if kind in ("cnn", "cnn-dense"):
         return keras.layers.Dense(max(1, round(units * width)), activation="relu")
     return DenseMoE(units, 2, expert_activation="relu", gating_activation="softmax")
 
@@ -113,11 +128,12 @@ def _dense(kind, units, width=1.0):
 def build_model(
     name, input_shape=(32, 32, 3), n_classes=10, augmentation=True, width=None
 ):
-    """One of `MODELS`, uncompiled. `width` overrides cnn-wide's factor."""
+    """One of `MODELS`, uncompiled. `width` overrides the wide CNNs' factor."""
     kind = "cnn" if name.startswith("cnn") else "moe"
-    if name == "cnn-wide" and width is None:
-        width = wide_cnn_factor(input_shape, n_classes)
+    if name.startswith("cnn-wide") and width is None:
+        width = wide_cnn_factor(input_shape, n_classes, name)
     width = width or 1.0
+    conv_width = 1.0 if name == "cnn-wide-dense" else width
     gating_input = "pooled" if name == "moe-pooled" else None
     layers = [keras.Input(input_shape)]
     if augmentation:
@@ -127,8 +143,8 @@ def build_model(
         ]
     for filters in (32, 64):
         layers += [
-            _conv(kind, filters, "same", width, gating_input),
-            _conv(kind, filters, "valid", width, gating_input),
+            _conv(kind, filters, "same", conv_width, gating_input),
+            _conv(kind, filters, "valid", conv_width, gating_input),
             keras.layers.MaxPooling2D(2),
             keras.layers.Dropout(0.25),
         ]
@@ -141,12 +157,12 @@ def build_model(
     return keras.Sequential(layers, name=name.replace("-", "_"))
 
 
-def wide_cnn_factor(input_shape=(32, 32, 3), n_classes=10):
-    """The width factor of the CNN with (about) the MoE network's parameters."""
+def wide_cnn_factor(input_shape=(32, 32, 3), n_classes=10, name="cnn-wide"):
+    """The width factor of `name` with (about) the MoE network's parameters."""
     target = common.count_params(build_model("moe", input_shape, n_classes, False))
 
     def params(width):
-        model = build_model("cnn", input_shape, n_classes, False, width=width)
+        model = build_model(name, input_shape, n_classes, False, width=width)
         return common.count_params(model)
 
     low, high = 1.0, 2.0
@@ -178,6 +194,8 @@ def apply_quick(args):
 
 
 def run(args):
+    if args.merge:
+        return merge(args)
     apply_quick(args)
     models = list(dict.fromkeys(args.models))
     if "moe-pooled" in models and not pooled_gating_available():
@@ -216,8 +234,8 @@ def run(args):
     )
     for name in models:
         width = None
-        if name == "cnn-wide":
-            width = wide_cnn_factor(x_train.shape[1:], n_classes)
+        if name.startswith("cnn-wide"):
+            width = wide_cnn_factor(x_train.shape[1:], n_classes, name)
         histories, step_seconds, wall = [], [], []
         for repeat in range(args.repeats):
             seed = args.seed + repeat
@@ -255,6 +273,60 @@ def run(args):
         paths = write_outputs(results, out)
     common.report_written(paths)
     return results
+
+
+PART_KEYS = ("experiment", "backend", "data", "protocol")
+PART_SETTINGS = ("epochs", "repeats", "batch_size", "learning_rate", "decay")
+PART_SETTINGS += ("train_size", "test_size", "augmentation", "seed", "data")
+
+
+def merge(args):
+    """Combines runs of one protocol with disjoint models into `args.out`."""
+    import json
+    import pathlib
+
+    parts = []
+    for folder in args.merge:
+        path = pathlib.Path(folder) / "results.json"
+        if not path.exists():
+            raise ValueError(
+                f"`--merge` needs results.json files. Received: {folder!r}"
+            )
+        parts.append(json.loads(path.read_text()))
+    first = parts[0]
+    merged = {**first, "models": {}, "parts": []}
+    for folder, part in zip(args.merge, parts):
+        for key in PART_KEYS:
+            if part.get(key) != first.get(key):
+                raise ValueError(
+                    "`--merge` combines runs of one protocol only. Received: "
+                    f"{key}={part.get(key)!r} in {folder!r}, {first.get(key)!r} before"
+                )
+        for key in PART_SETTINGS:
+            if part["settings"].get(key) != first["settings"].get(key):
+                raise ValueError(
+                    "`--merge` combines runs of one protocol only. Received: "
+                    f"{key}={part['settings'].get(key)!r} in {folder!r}, "
+                    f"{first['settings'].get(key)!r} before"
+                )
+        for name, model in part["models"].items():
+            if name in merged["models"]:
+                raise ValueError(
+                    f"`--merge` needs disjoint models. Received: {name!r} twice"
+                )
+            merged["models"][name] = model
+        merged["parts"].append(
+            {"folder": str(folder), "command": part["command"], "date": part["date"]}
+        )
+    order = {name: i for i, name in enumerate(MODELS)}
+    merged["models"] = dict(
+        sorted(merged["models"].items(), key=lambda item: order.get(item[0], 99))
+    )
+    merged["settings"]["models"] = list(merged["models"])
+    merged["command"] = args.command_line
+    paths = write_outputs(merged, common.output_dir(args.out))
+    common.report_written(paths)
+    return merged
 
 
 def write_outputs(results, out):
@@ -342,10 +414,12 @@ def summary(results):
         ],
         rows,
     )
+    commands = [part["command"] for part in results.get("parts", [])]
+    commands.append(results["command"])
     return (
         "# CIFAR-10: CNN against MoE\n\n"
-        f"`{results['command']}`\n\n"
-        f"Backend {results['backend']}, {results['date']}. Data: "
+        + "".join(f"`{command}`\n\n" for command in commands)
+        + f"Backend {results['backend']}, {results['date']}. Data: "
         f"{results['data']['source']}. Protocol: {results['protocol']}. "
         "Step times are wall-clock medians of `fit`'s training steps on the "
         "machine that ran it (shared CPU cores: compare within this table only).\n\n"
