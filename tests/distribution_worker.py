@@ -276,8 +276,10 @@ def check_expert_parallel(directory, checks):
     with distribution.scope():
         ep_eval = model.evaluate(x, y, batch_size=BATCH, verbose=0)
         ep_pred = model.predict(x, batch_size=BATCH, verbose=0)
-    ref_eval = reference.evaluate(x, y, batch_size=BATCH, verbose=0)
     ref_pred = reference.predict(x, batch_size=BATCH, verbose=0)
+    # The loss of the one-device model's predictions (no router losses out of
+    # training): one compiled program fewer than `reference.evaluate`.
+    ref_eval = float(np.mean((ref_pred - y) ** 2))
     checks.record(
         "evaluate_same",
         abs(ep_eval - ref_eval) < TOLERANCE,

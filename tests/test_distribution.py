@@ -22,6 +22,7 @@ from keras_moe import Conv1DMoE
 from keras_moe import Conv2DMoE
 from keras_moe import Conv3DMoE
 from keras_moe import DenseMoE
+from keras_moe import MoEFeedForward
 from tests import distribution_worker
 from tests.conftest import BACKEND
 from tests.conftest import REPO
@@ -228,28 +229,30 @@ def test_same_name_in_another_layer_is_left_to_the_user_map():
     "layer, input_shape",
     [
         (DenseMoE(6, 4), (2, 5)),
-        (DenseMoE(6, 4), (2, 3, 5)),
         (Conv1DMoE(4, 3, 3), (2, 7, 2)),
-        (Conv2DMoE(4, 3, 3), (2, 6, 6, 2)),
         (Conv2DMoE(4, 3, 3, data_format="channels_first"), (2, 2, 6, 6)),
-        (Conv3DMoE(4, 3, 2), (2, 4, 4, 4, 2)),
         (Conv2DMoE(4, 3, 3, gating_input="pooled"), (2, 6, 6, 2)),
         (Conv2DMoE(4, 3, 3, gating_input="local"), (2, 6, 6, 2)),
         (Conv3DMoE(4, 3, 2, gating_input="local"), (2, 4, 4, 4, 2)),
+        (DenseMoE(6, 4, top_k=2, capacity_factor=2.0), (2, 3, 5)),
+        (MoEFeedForward(8, 4, gated=True), (2, 3, 5)),
+        (MoEFeedForward(8, 4, use_bias=False), (2, 5)),
     ],
 )
 def test_declared_expert_axes_match_the_weights(layer, input_shape):
-    """On every backend: each declared axis is the experts (or filters) axis."""
+    """On every backend: every expert weight is declared, on its experts
+    (for the conv layers: filters) axis."""
     layer.build(input_shape)
     axes = layer.expert_weight_axes()
-    n = getattr(layer, "n_experts", None) or layer.n_filters
+    conv = hasattr(layer, "n_filters")
+    n = layer.n_filters if conv else layer.n_experts
     weights = {v.name: v for v in layer.weights}
     assert set(axes) <= set(weights)
-    assert {"expert_kernel", "expert_bias"} <= set(axes)
+    assert {name for name in weights if name.startswith("expert_")} <= set(axes)
     for name, axis in axes.items():
         shape = tuple(weights[name].shape)
         per_expert = 1
-        if name == "expert_kernel" and not isinstance(layer, DenseMoE):
+        if name == "expert_kernel" and conv:
             per_expert = layer.n_experts_per_filter  # channel f * K + k
         assert shape[axis] == n * per_expert, (name, shape, axis)
 
