@@ -157,21 +157,34 @@ def build_model(
     return keras.Sequential(layers, name=name.replace("-", "_"))
 
 
+def cnn_params(input_shape, n_classes, conv_width=1.0, dense_width=1.0):
+    """Parameters of the CNN with widened layers, counted without building it."""
+    height, width, channels = input_shape
+    c1, c2 = max(1, round(32 * conv_width)), max(1, round(64 * conv_width))
+    units = max(1, round(512 * dense_width))
+    for _ in range(2):  # same conv, valid conv, 2x2 pool
+        height, width = (height - 2) // 2, (width - 2) // 2
+    params = 0
+    for c_in, c_out in ((channels, c1), (c1, c1), (c1, c2), (c2, c2)):
+        params += 9 * c_in * c_out + c_out
+    return params + (height * width * c2 + 1) * units + (units + 1) * n_classes
+
+
 def wide_cnn_factor(input_shape=(32, 32, 3), n_classes=10, name="cnn-wide"):
     """The width factor of `name` with (about) the MoE network's parameters."""
     target = common.count_params(build_model("moe", input_shape, n_classes, False))
 
     def params(width):
-        model = build_model(name, input_shape, n_classes, False, width=width)
-        return common.count_params(model)
+        conv_width = 1.0 if name == "cnn-wide-dense" else width
+        return cnn_params(tuple(input_shape), n_classes, conv_width, width)
 
     low, high = 1.0, 2.0
     while params(high) < target:
         low, high = high, high * 2
-    for _ in range(12):
+    for _ in range(30):
         mid = (low + high) / 2
         low, high = (mid, high) if params(mid) < target else (low, mid)
-    return round(high, 3)
+    return round(high, 4)
 
 
 def compile_model(model, args):
