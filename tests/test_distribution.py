@@ -206,6 +206,43 @@ def test_user_entries_kept_and_user_map_not_modified():
 
 
 @jax_only
+def test_nested_layer_of_a_subclassed_model_is_sharded():
+    """Keras defers the variables' initialisation when a subclassed model
+    first runs under a JAX trace: the layout is then asked for in the outer
+    model's scope, and the expert weights must still be found."""
+
+    class Block(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.ffn = MoEFeedForward(8, 4, name="renamed_ffn")
+
+        def call(self, x):
+            return x + self.ffn(x)
+
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.block = Block(name="block")
+            self.head = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.head(self.block(x))
+
+    mesh = one_device_mesh()
+    distribution = keras.distribution.ModelParallel(
+        layout_map=keras_moe.expert_parallel_layout_map(mesh),
+        batch_dim_name="batch",
+    )
+    with distribution.scope():
+        model = Net()
+        model(np.ones((2, 3, 5), "float32"))
+    ffn = model.block.ffn
+    for name in ffn.expert_weight_axes():
+        assert tuple(getattr(ffn, name)._layout.axes) == ("expert",), name
+    assert tuple(ffn.router_kernel._layout.axes) == (None, None)
+
+
+@jax_only
 def test_same_name_in_another_layer_is_left_to_the_user_map():
     class NotMoE(keras.layers.Layer):
         def build(self, input_shape):

@@ -43,28 +43,37 @@ def check_backend():
             backend, "Keras has no distribution implementation for it"
         )
         raise NotImplementedError(
-            "Expert parallelism in keras-moe runs on Keras's distribution API, "
-            f"which works on the JAX backend only: {reason}. Set "
+            "Expert parallelism in keras-moe uses Keras's distribution API, "
+            f"which it supports on the JAX backend only: {reason}. Set "
             "KERAS_BACKEND=jax to shard experts over devices. "
             f"Received: backend={backend!r}, keras {keras.version()}"
         )
 
 
 def _creating_layer(path):
-    """The layer whose `add_weight` is creating the variable at `path`, or None.
+    """The keras-moe layer that owns the variable at `path`, or None.
 
     `Layer.add_weight` creates its variable inside
     `backend.name_scope(layer.name, caller=layer)`, and Keras asks the
-    distribution for the variable's layout inside that scope.
+    distribution for the variable's layout inside that scope. When Keras
+    defers the initialisation (variables first created while JAX traces a
+    subclassed model's call), the layout is asked for later, inside an outer
+    layer's scope: the variable is then found among that layer's sublayers.
     """
-    stack = global_state.get_global_attribute("name_scope_stack")
-    if not stack:
-        return None
-    layer = stack[-1].caller
-    parent, _, _ = path.rpartition("/")
-    if layer is None or parent != current_path():
-        return None
-    return layer
+    stack = global_state.get_global_attribute("name_scope_stack") or []
+    callers = [scope.caller for scope in reversed(stack)]
+    if callers and path.rpartition("/")[0] == current_path():
+        # Created now, by the innermost caller.
+        return callers[0] if hasattr(callers[0], "expert_weight_axes") else None
+    for caller in callers:
+        if not isinstance(caller, keras.layers.Layer):
+            continue
+        for layer in caller._flatten_layers(include_self=True):
+            if hasattr(layer, "expert_weight_axes") and any(
+                v.path == path for v in layer.weights
+            ):
+                return layer
+    return None
 
 
 class _ExpertParallelLayoutMap(keras.distribution.LayoutMap):
