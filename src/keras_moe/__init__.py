@@ -2,6 +2,7 @@
 
 # First, before anything imports keras: picks an installed backend when nothing names one.
 from keras_moe import _backend_select  # noqa: F401
+from keras_moe import callbacks
 from keras_moe import compat
 from keras_moe import routing
 from keras_moe.distribution import expert_parallel_layout_map
@@ -19,6 +20,7 @@ __all__ = [
     "DenseMoE",
     "MoEFeedForward",
     "__version__",
+    "callbacks",
     "compat",
     "expert_parallel_layout_map",
     "routing",

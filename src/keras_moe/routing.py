@@ -454,7 +454,8 @@ def sparse_mixture(
         return run(layout), a.group_sizes, layout.dropped_fraction
     dropped = ops.zeros((), "float32")
     grouped_matmul = _backend_function("grouped_matmul")
-    if grouped_matmul is not None:
+    usable = _backend_function("grouped_matmul_usable")
+    if grouped_matmul is not None and (usable is None or usable()):
         return run(RowLayout(a, grouped_matmul)), a.group_sizes, dropped
 
     def exact(factors):

@@ -1,0 +1,155 @@
+"""Callbacks that watch sparse mixture-of-experts layers while they train."""
+
+import csv
+import os
+
+import keras
+import numpy as np
+
+from keras_moe import routing
+
+
+def sparse_moe_layers(model):
+    """The built layers of `model` that route sparsely (`top_k` set)."""
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=False)
+        if isinstance(layer, routing.SparseRouter)
+        and layer.built
+        and layer.top_k is not None
+    ]
+
+
+class ExpertUsage(keras.callbacks.Callback):
+    """Records each sparse MoE layer's expert usage per epoch.
+
+    At the end of every epoch it reads, for each sparse `DenseMoE` or
+    `MoEFeedForward` of the model, the mean routing statistics of that epoch's
+    training steps (`layer.routing_stats_mean()`), adds them to the epoch's
+    `logs` (so `History`, `CSVLogger` and the like that come after it see
+    them), appends them to a CSV file and redraws a heatmap of every expert's
+    load per epoch (PNG): a collapsed router shows as one bright row.
+
+    Logged per layer `name`: `name_max_load` (the busiest expert's share of
+    the assignments times `n_experts`: 1.0 is perfect balance, `n_experts`
+    total collapse), `name_dropped_fraction` and `name_router_entropy`.
+
+    The statistics live in each layer's non-trainable variables, updated
+    inside the training step, so this works under `jit_compile` on every
+    backend. (Keras 3 has no `add_metric`, and metrics updated inside a layer's
+    `call` are lost in JAX's stateless training step, so they are not
+    `keras.metrics.Metric` objects.)
+
+    Args:
+        csv_path: Optional path of the CSV file (one row per layer and epoch:
+            `epoch, layer, steps, dropped_fraction, router_entropy, max_load,
+            load_0 ... load_{E-1}`). Overwritten when training begins.
+        heatmap_path: Optional path of the PNG heatmap, redrawn every epoch.
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> from keras_moe import MoEFeedForward
+    >>> from keras_moe.callbacks import ExpertUsage
+    >>> model = keras.Sequential([keras.Input((4, 8)), MoEFeedForward(16, 4)])
+    >>> model.compile("adam", "mse")
+    >>> usage = ExpertUsage()
+    >>> history = model.fit(np.ones((8, 4, 8)), np.ones((8, 4, 8)),
+    ...                     epochs=2, verbose=0, callbacks=[usage])
+    >>> usage.loads[model.layers[0].name].shape  # (epochs, experts)
+    (2, 4)
+    """
+
+    def __init__(self, csv_path=None, heatmap_path=None):
+        super().__init__()
+        self.csv_path = None if csv_path is None else os.fspath(csv_path)
+        self.heatmap_path = None if heatmap_path is None else os.fspath(heatmap_path)
+        self.loads = {}
+        self.epochs = []
+
+    def on_train_begin(self, logs=None):
+        self._layers = sparse_moe_layers(self.model)
+        self.loads = {
+            layer.name: np.zeros((0, layer.n_experts)) for layer in self._layers
+        }
+        self.epochs = []
+        if self.csv_path is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.csv_path)), exist_ok=True)
+            width = max([layer.n_experts for layer in self._layers], default=0)
+            with open(self.csv_path, "w", newline="") as f:
+                csv.writer(f).writerow(
+                    [
+                        "epoch",
+                        "layer",
+                        "steps",
+                        "dropped_fraction",
+                        "router_entropy",
+                        "max_load",
+                    ]
+                    + [f"load_{i}" for i in range(width)]
+                )
+
+    def on_epoch_begin(self, epoch, logs=None):
+        for layer in self._layers:
+            layer.reset_routing_stats()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {} if logs is None else logs
+        rows = []
+        for layer in self._layers:
+            stats = layer.routing_stats_mean()
+            if stats is None:
+                continue
+            load = np.asarray(stats["expert_load"], "float64")
+            max_load = float(load.max() * layer.n_experts)
+            logs[f"{layer.name}_max_load"] = max_load
+            logs[f"{layer.name}_dropped_fraction"] = stats["dropped_fraction"]
+            logs[f"{layer.name}_router_entropy"] = stats["router_entropy"]
+            self.loads[layer.name] = np.vstack([self.loads[layer.name], load])
+            rows.append(
+                [
+                    epoch,
+                    layer.name,
+                    stats["steps"],
+                    stats["dropped_fraction"],
+                    stats["router_entropy"],
+                    max_load,
+                ]
+                + [float(v) for v in load]
+            )
+        self.epochs.append(epoch)
+        if self.csv_path is not None and rows:
+            with open(self.csv_path, "a", newline="") as f:
+                csv.writer(f).writerows(rows)
+        if self.heatmap_path is not None and rows:
+            self.plot(self.heatmap_path)
+
+    def plot(self, path):
+        """Draws every layer's expert load per epoch to `path` (PNG)."""
+        # The object-oriented API with the Agg canvas: no pyplot global state.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        names = [name for name, load in self.loads.items() if len(load)]
+        figure = Figure(figsize=(1.5 + 0.5 * len(self.epochs), 1.0 + 2.2 * len(names)))
+        FigureCanvasAgg(figure)
+        for i, name in enumerate(names):
+            load = self.loads[name]
+            n_experts = load.shape[1]
+            ax = figure.add_subplot(len(names), 1, i + 1)
+            image = ax.imshow(
+                load.T * n_experts,
+                aspect="auto",
+                cmap="viridis",
+                vmin=0.0,
+                interpolation="nearest",
+            )
+            ax.set_title(f"{name}: load x n_experts (1 = balanced)", fontsize=9)
+            ax.set_ylabel("expert")
+            ax.set_xlabel("epoch")
+            ax.set_xticks(range(len(load)))
+            ax.set_xticklabels([str(e + 1) for e in self.epochs[-len(load) :]])
+            figure.colorbar(image, ax=ax)
+        figure.tight_layout()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        figure.savefig(path, dpi=100)
