@@ -6,6 +6,7 @@ import pytest
 from keras_moe import cli
 from keras_moe.experiments import cifar10
 from keras_moe.experiments import common
+from tests.experiments.conftest import write_image_folder
 
 
 def test_faithful_models_have_the_original_parameter_counts():
@@ -27,7 +28,9 @@ def test_widened_cnns_match_the_moe_parameters(name):
     assert abs(wide - moe) / moe < 0.01
 
 
-def test_quick_run_on_an_image_folder(image_folder, tmp_path, capsys):
+def test_quick_run_on_an_image_folder(tmp_path, capsys):
+    # 12x12 is about the smallest input the original stack's pooling accepts.
+    image_folder = write_image_folder(tmp_path / "images", size=12)
     out = tmp_path / "c"
     argv = ["cifar10", "--quick", "--data", str(image_folder), "--out", str(out)]
     cli.main([*argv, "--models", "cnn", "moe", "--verbose", "0"])
