@@ -9,10 +9,13 @@ compiled the way the backend trains under `jit_compile=True`:
   loss on it), results waited for with `jax.block_until_ready`.
 - TensorFlow: `tf.function(jit_compile=True)` (XLA), `tf.GradientTape` for the
   backward; results pulled to NumPy.
-- PyTorch: `torch.compile` of the step, as Keras's torch trainer does for
+- PyTorch: `"eager"` (default; what Keras's torch trainer runs for
+  `jit_compile="auto"`), or `"compile"` (environment variable
+  `KERAS_MOE_BENCH_TORCH=compile`, `python -m benchmarks --torch-mode
+  compile`): `torch.compile` of the step, as Keras's torch trainer does for
   `jit_compile=True` (`keras/src/backend/torch/trainer.py`), with the
-  `.backward()` inside the compiled function as in `train_step`; `"eager"`
-  runs it without compiling (Keras's default on torch).
+  `.backward()` inside the compiled function as in `train_step`. Compiling
+  takes ~15 s per step on a small CPU, too long for the whole suite.
 
 Every variant is warmed up, then the variants are timed in turn, repeat
 after repeat (interleaved, so that noise from other processes on the
@@ -29,6 +32,7 @@ result says `None` with the reason.
 """
 
 import dataclasses
+import inspect
 import os
 import statistics
 import time
@@ -39,6 +43,7 @@ import numpy as np
 
 BACKEND = keras.backend.backend()
 MODES = ("forward", "forward_backward")
+ALL_MODES = MODES + ("train_step",)
 
 
 @dataclasses.dataclass
@@ -53,15 +58,22 @@ class Variant:
         loss: Optional `loss(outputs) -> scalar` (keras.ops) for the backward;
             default: mean of squared outputs.
         note: Free text for the table (e.g. what the variant is).
+        train_step: When true, `build` returns `(model, (x, y))` for a model
+            compiled with `jit_compile=True`, and the variant is timed in the
+            single mode `"train_step"`: `model.train_on_batch(x, y)`, exactly
+            what `fit` runs per batch (forward, backward, optimizer update).
     """
 
     name: str
     build: Callable
     loss: Callable | None = None
     note: str = ""
+    train_step: bool = False
 
 
 def mean_square(outputs):
+    if isinstance(outputs, list | tuple):  # e.g. (outputs, router_logits)
+        outputs = outputs[0]
     return keras.ops.mean(keras.ops.square(outputs))
 
 
@@ -92,10 +104,15 @@ def _jax_steps(layer, inputs, loss):
     trainable = [v.value for v in layer.trainable_variables]
     non_trainable = [v.value for v in layer.non_trainable_variables]
 
+    # `stateless_call` passes `training` straight to `call`, which Keras's
+    # own layers (Dense, Conv) do not all accept.
+    takes_training = "training" in inspect.signature(layer.call).parameters
+
     def stateless(tv, ntv, xs, training):
         xs = xs[0] if len(xs) == 1 else list(xs)
+        kwargs = {"training": training} if takes_training else {}
         outputs, ntv, losses = layer.stateless_call(
-            tv, ntv, xs, training=training, return_losses=True
+            tv, ntv, xs, return_losses=True, **kwargs
         )
         return outputs, ntv, losses
 
@@ -109,20 +126,21 @@ def _jax_steps(layer, inputs, loss):
             value = value + extra
         return value, ntv
 
-    grad = jax.value_and_grad(objective, has_aux=True)
-    compiled = {}
-    for mode, fn in (("forward", forward), ("forward_backward", grad)):
-        jitted = jax.jit(fn)
-        lowered = jitted.lower(trainable, non_trainable, inputs).compile()
-        compiled[mode] = (lowered, _jax_memory(lowered))
+    functions = {
+        "forward": forward,
+        "forward_backward": jax.value_and_grad(objective, has_aux=True),
+    }
 
     def runner(mode):
-        executable = compiled[mode][0]
+        # Compiled ahead of time (and only for the modes asked for), so that
+        # the compiled program can report its memory.
+        jitted = jax.jit(functions[mode])
+        executable = jitted.lower(trainable, non_trainable, inputs).compile()
 
         def run():
             return jax.block_until_ready(executable(trainable, non_trainable, inputs))
 
-        return run, compiled[mode][1]
+        return run, _jax_memory(executable)
 
     return runner
 
@@ -145,6 +163,11 @@ def _jax_memory(compiled):
 
 
 # -------------------------------------------------------------- TensorFlow
+def _to_numpy(tensor):
+    # Gradients of a gather arrive as IndexedSlices.
+    return getattr(tensor, "values", tensor).numpy()
+
+
 def _tf_steps(layer, inputs, loss):
     import tensorflow as tf
 
@@ -170,7 +193,7 @@ def _tf_steps(layer, inputs, loss):
         fn = functions[mode]
 
         def run():
-            return tf.nest.map_structure(lambda t: t.numpy(), fn(*inputs))
+            return tf.nest.map_structure(_to_numpy, fn(*inputs))
 
         memory = {"peak_bytes": None, "why": "TensorFlow reports memory only on GPU"}
         if on_gpu:
@@ -190,7 +213,7 @@ def _tf_steps(layer, inputs, loss):
 # ----------------------------------------------------------------- PyTorch
 def torch_mode():
     """`"compile"` (as `fit(jit_compile=True)`) or `"eager"`; env override."""
-    return os.environ.get("KERAS_MOE_BENCH_TORCH", "compile")
+    return os.environ.get("KERAS_MOE_BENCH_TORCH", "eager")
 
 
 def _torch_steps(layer, inputs, loss):
@@ -257,6 +280,20 @@ def compile_steps(layer, inputs, loss=None):
     return _STEPS[BACKEND](layer, inputs, loss or mean_square)
 
 
+def train_step_runner(model, data):
+    """`runner` for `model.train_on_batch(*data)` (mode `"train_step"`)."""
+    x, y = data
+
+    def runner(mode):
+        def run():
+            return model.train_on_batch(x, y)
+
+        why = "not measured for train steps (see the forward_backward cases)"
+        return run, {"peak_bytes": None, "why": why}
+
+    return runner
+
+
 def _time_once(run, inner):
     start = time.perf_counter()
     for _ in range(inner):
@@ -304,9 +341,12 @@ def compare(
         try:
             layer, inputs = variant.build()
             start = time.perf_counter()
-            runner = compile_steps(layer, inputs, variant.loss)
+            if variant.train_step:
+                runner = train_step_runner(layer, inputs)
+            else:
+                runner = compile_steps(layer, inputs, variant.loss)
             entry["params"] = count_params(layer)
-            for mode in modes:
+            for mode in ("train_step",) if variant.train_step else modes:
                 run, memory = runner(mode)
                 t0 = time.perf_counter()
                 run()  # first call: compiles where compilation is lazy
@@ -331,6 +371,8 @@ def compare(
         entry = result["variants"][name][mode]
         entry["samples_s"] = values
         entry["median_s"] = statistics.median(values)
+    if any(v.train_step for v in variants):
+        modes = ("train_step",)
     for mode in modes:
         base = result["variants"][baseline].get(mode, {}).get("median_s")
         for name in names:
@@ -342,7 +384,7 @@ def compare(
             line = ", ".join(
                 f"{name} {result['variants'][name][mode]['ratio']:.2f}x"
                 for name in names
-                if mode in result["variants"][name]
+                if result["variants"][name].get(mode, {}).get("ratio") is not None
             )
             log(f"  {mode}: {line}")
     return result

@@ -1,0 +1,173 @@
+"""Reference formulations the layers are measured against, in `keras.ops`.
+
+- `OriginalDenseMoE`, `OriginalConvMoE`: the original Keras 2 layers'
+  computation, written op for op in `keras.ops`: experts by a tensordot into
+  `(b, units, experts)` (conv: one convolution reshaped to `(b, *spatial, f,
+  k)`), the gates repeated over the units (conv: over the positions),
+  multiplied and summed. Same weights and same function as `keras_moe`'s
+  layers; only the formulation differs.
+- `GatedFeedForward`: a dense gated feed-forward `down(silu(x Wg) * (x Wu))`,
+  the roofline of a top-k `MoEFeedForward` when given `k * m` units.
+- `cifar10_cnn`, `cifar10_moe`: the original CIFAR-10 networks.
+"""
+
+import keras
+from keras import ops
+
+
+class OriginalDenseMoE(keras.layers.Layer):
+    """The original `DenseMoE` formulation (tensordot, repeat, multiply, sum)."""
+
+    def __init__(
+        self, units, n_experts, expert_activation=None, gating_activation=None, **kw
+    ):
+        super().__init__(**kw)
+        self.units = units
+        self.n_experts = n_experts
+        self.expert_activation = keras.activations.get(expert_activation)
+        self.gating_activation = keras.activations.get(gating_activation)
+
+    def build(self, input_shape):
+        d = input_shape[-1]
+        init = keras.initializers.RandomUniform(-0.05, 0.05)
+        self.expert_kernel = self.add_weight(
+            shape=(d, self.units, self.n_experts), initializer=init, name="ek"
+        )
+        self.expert_bias = self.add_weight(
+            shape=(self.units, self.n_experts), initializer="zeros", name="eb"
+        )
+        self.gating_kernel = self.add_weight(
+            shape=(d, self.n_experts), initializer=init, name="gk"
+        )
+        self.gating_bias = self.add_weight(
+            shape=(self.n_experts,), initializer="zeros", name="gb"
+        )
+
+    def call(self, inputs, training=None):
+        experts = ops.tensordot(inputs, self.expert_kernel, axes=1)
+        experts = self.expert_activation(experts + self.expert_bias)
+        gates = ops.matmul(inputs, self.gating_kernel) + self.gating_bias
+        gates = self.gating_activation(gates)
+        gates = ops.repeat(ops.expand_dims(gates, -2), self.units, axis=-2)
+        return ops.sum(experts * gates, axis=-1)
+
+
+class OriginalConvMoE(keras.layers.Layer):
+    """The original `ConvNDMoE` formulation, channels last.
+
+    One convolution with `f * k` filters, reshaped to `(b, *spatial, f, k)`,
+    bias, activation; gates a tensordot of the whole input sample with a
+    `input_shape[1:] + (f, k)` kernel, activation over `k`, repeated over every
+    position; multiply and sum over `k`.
+    """
+
+    def __init__(
+        self,
+        rank,
+        n_filters,
+        n_experts_per_filter,
+        kernel_size,
+        padding="valid",
+        expert_activation=None,
+        gating_activation=None,
+        **kw,
+    ):
+        super().__init__(**kw)
+        self.rank = rank
+        self.n_filters = n_filters
+        self.n_experts = n_experts_per_filter
+        self.kernel_size = (kernel_size,) * rank
+        self.padding = padding
+        self.expert_activation = keras.activations.get(expert_activation)
+        self.gating_activation = keras.activations.get(gating_activation)
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        f, k = self.n_filters, self.n_experts
+        init = keras.initializers.RandomNormal(stddev=0.05)
+        self.expert_kernel = self.add_weight(
+            shape=self.kernel_size + (channels, f * k), initializer=init, name="ek"
+        )
+        self.expert_bias = self.add_weight(
+            shape=(1,) * self.rank + (f, k), initializer="zeros", name="eb"
+        )
+        self.gating_kernel = self.add_weight(
+            shape=tuple(input_shape[1:]) + (f, k), initializer=init, name="gk"
+        )
+        self.gating_bias = self.add_weight(shape=(f, k), initializer="zeros", name="gb")
+
+    def call(self, inputs, training=None):
+        f, k = self.n_filters, self.n_experts
+        experts = ops.conv(inputs, self.expert_kernel, padding=self.padding)
+        spatial = tuple(experts.shape[1:-1])
+        experts = ops.reshape(experts, (-1,) + spatial + (f, k))
+        experts = self.expert_activation(experts + self.expert_bias)
+        gates = ops.tensordot(inputs, self.gating_kernel, axes=self.rank + 1)
+        gates = self.gating_activation(gates + self.gating_bias)
+        for axis, size in enumerate(spatial):
+            gates = ops.repeat(ops.expand_dims(gates, 1 + axis), size, axis=1 + axis)
+        return ops.sum(experts * gates, axis=-1)
+
+
+class GatedFeedForward(keras.layers.Layer):
+    """Dense gated feed-forward `down(silu(x Wg) * (x Wu))`, no biases."""
+
+    def __init__(self, hidden_dim, intermediate_dim, **kw):
+        super().__init__(**kw)
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+
+    def build(self, input_shape):
+        d, m = self.hidden_dim, self.intermediate_dim
+        init = "glorot_uniform"
+        self.gate = self.add_weight(shape=(d, m), initializer=init, name="gate")
+        self.up = self.add_weight(shape=(d, m), initializer=init, name="up")
+        self.down = self.add_weight(shape=(m, d), initializer=init, name="down")
+
+    def call(self, inputs, training=None):
+        hidden = ops.silu(ops.matmul(inputs, self.gate)) * ops.matmul(inputs, self.up)
+        return ops.matmul(hidden, self.down)
+
+
+def _cifar10(conv, dense, input_shape=(32, 32, 3), widths=(32, 64, 512)):
+    c1, c2, d = widths
+    layers = keras.layers
+    return keras.Sequential(
+        [
+            keras.Input(input_shape),
+            conv(c1, "same"),
+            conv(c1, "valid"),
+            layers.MaxPooling2D(2),
+            layers.Dropout(0.25),
+            conv(c2, "same"),
+            conv(c2, "valid"),
+            layers.MaxPooling2D(2),
+            layers.Dropout(0.25),
+            layers.Flatten(),
+            dense(d),
+            layers.Dropout(0.5),
+            layers.Dense(10, activation="softmax"),
+        ]
+    )
+
+
+def cifar10_cnn(**kw):
+    """The original CIFAR-10 CNN (Conv 32-32, pool, Conv 64-64, pool, Dense 512)."""
+    return _cifar10(
+        lambda n, pad: keras.layers.Conv2D(n, 3, padding=pad, activation="relu"),
+        lambda n: keras.layers.Dense(n, activation="relu"),
+        **kw,
+    )
+
+
+def cifar10_moe(**kw):
+    """The original CIFAR-10 MoE network: 2 experts per filter / unit."""
+    from keras_moe import Conv2DMoE
+    from keras_moe import DenseMoE
+
+    moe = {"expert_activation": "relu", "gating_activation": "softmax"}
+    return _cifar10(
+        lambda n, pad: Conv2DMoE(n, 2, (3, 3), padding=pad, **moe),
+        lambda n: DenseMoE(n, 2, **moe),
+        **kw,
+    )

@@ -1,0 +1,226 @@
+"""The benchmark suite runs at tiny sizes on every backend (it must not rot).
+
+These tests check the structure of what the benchmarks produce and that the
+reference formulations compute the layers' functions; they never assert a
+time.
+"""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from benchmarks import cases
+from benchmarks import formulations
+from benchmarks import harness
+from benchmarks import report
+from benchmarks import suite
+
+import keras_moe
+from tests.conftest import BACKEND
+from tests.conftest import to_numpy
+
+pytestmark = pytest.mark.filterwarnings("ignore:You are using a softmax")
+TIMED_CASES = ["dense_soft", "conv2d", "moe_feed_forward", "cifar10", "expert_sweep"]
+
+
+@pytest.fixture(autouse=True)
+def _eager_torch(monkeypatch):
+    # torch.compile takes minutes per case on a small CPU; the structure is
+    # the same in eager mode.
+    monkeypatch.setenv("KERAS_MOE_BENCH_TORCH", "eager")
+
+
+@pytest.fixture(scope="module")
+def tiny_results():
+    import os
+
+    previous = os.environ.get("KERAS_MOE_BENCH_TORCH")
+    os.environ["KERAS_MOE_BENCH_TORCH"] = "eager"
+    try:
+        # A subset in one mode keeps the compilations (the tests' cost) few;
+        # `test_every_case_builds_and_its_variants_agree_on_shapes` covers the rest.
+        return suite.run_backend(
+            TIMED_CASES, tiny=True, repeats=2, modes=("forward_backward",)
+        )
+    finally:
+        if previous is None:
+            os.environ.pop("KERAS_MOE_BENCH_TORCH")
+        else:
+            os.environ["KERAS_MOE_BENCH_TORCH"] = previous
+
+
+@pytest.mark.parametrize("name", list(cases.CASES))
+def test_every_case_builds_and_its_variants_agree_on_shapes(name):
+    case = cases.CASES[name](cases.TINY)
+    if "skipped" in case:
+        pytest.skip(case["skipped"])
+    names = [v.name for v in case["variants"]]
+    assert case["baseline"] in names
+    assert len(set(names)) == len(names)
+    for t in case["targets"]:
+        assert {t["variant"], t["over"]} <= set(names) | {"kerashub_mixtral"}
+    shapes = set()
+    for variant in case["variants"]:
+        layer, inputs = variant.build()
+        if variant.name == "roofline":  # same FLOPs, not the same output
+            assert layer(inputs[0] if variant.train_step else inputs) is not None
+            continue
+        if variant.train_step:
+            inputs = inputs[0]
+        outputs = layer(inputs)
+        if isinstance(outputs, list | tuple):  # Mixtral: (outputs, logits)
+            outputs = outputs[0]
+        shapes.add(tuple(outputs.shape))
+    assert len(shapes) == 1, shapes
+
+
+def test_timed_cases_run_every_variant(tiny_results):
+    assert set(tiny_results) == set(TIMED_CASES)
+    for name, result in tiny_results.items():
+        if "skipped" in result:
+            continue
+        assert result["backend"] == BACKEND
+        assert result["variants"], name
+        for variant, entry in result["variants"].items():
+            assert "error" not in entry, (name, variant, entry.get("error"))
+            assert entry["params"] > 0
+            for mode in result["modes"]:
+                timing = entry[mode]
+                assert len(timing["samples_s"]) == 2
+                assert timing["median_s"] > 0
+                assert timing["ratio"] > 0
+                assert "peak_bytes" in timing["memory"]
+        baseline = result["variants"][result["baseline"]]
+        for mode in result["modes"]:
+            assert baseline[mode]["ratio"] == pytest.approx(1.0)
+
+
+def test_memory_is_reported_where_the_backend_can(tiny_results):
+    memory = tiny_results["dense_soft"]["variants"]["keras_moe"]["forward_backward"][
+        "memory"
+    ]
+    if BACKEND == "jax":
+        assert memory["peak_bytes"] > 0
+        assert memory["temp_bytes"] >= 0
+    else:
+        assert memory["peak_bytes"] is None
+        assert "only on" in memory["why"]
+
+
+def test_targets_are_checked_on_their_backends(tiny_results):
+    for result in tiny_results.values():
+        for checked in result.get("checked_targets", []):
+            assert BACKEND in checked["backends"]
+            assert isinstance(checked["passed"], bool)
+            assert checked["value"] > 0
+
+
+def test_report_and_plot(tiny_results, tmp_path):
+    merged = {
+        "cases": {name: {BACKEND: r} for name, r in tiny_results.items()},
+        "meta": {
+            "command": "python -m benchmarks --tiny",
+            "machine": "test",
+            "versions": "test",
+            "repeats": 2,
+            "torch_mode": "eager",
+        },
+    }
+    json.dumps(merged)  # the results are JSON-serialisable
+    text = report.markdown(merged)
+    assert "| variant |" in text
+    assert "keras_moe: keras_moe.DenseMoE" in text
+    assert "## Targets" in text
+    path = report.plot_sweep(merged, tmp_path / "sweep.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_check_targets_arithmetic():
+    result = {
+        "variants": {
+            "a": {"forward_backward": {"median_s": 3.0}},
+            "b": {"forward_backward": {"median_s": 2.0}},
+        },
+        "targets": [
+            cases.target("a", "b", "forward_backward", max_ratio=1.4, backends=["x"]),
+            cases.target("a", "b", "forward_backward", min_ratio=1.2, backends=["x"]),
+            cases.target("a", "b", "forward_backward", max_ratio=9, backends=["y"]),
+        ],
+    }
+    checked = cases.check_targets(result, "x")
+    assert [c["passed"] for c in checked] == [False, True]
+    assert checked[0]["value"] == pytest.approx(1.5)
+
+
+def test_compare_rejects_unknown_baseline():
+    x = np.ones((2, 3), "float32")
+    variants = [harness.Variant("a", lambda: (keras.layers.Dense(2), x))]
+    with pytest.raises(ValueError, match="baseline"):
+        harness.compare(variants, "b")
+
+
+def test_failing_variant_is_reported_not_raised():
+    x = np.ones((2, 3), "float32")
+
+    def broken():
+        raise RuntimeError("no such layer")
+
+    variants = [
+        harness.Variant("ok", lambda: (keras.layers.Dense(2), x)),
+        harness.Variant("broken", broken),
+    ]
+    result = harness.compare(variants, "ok", repeats=1, warmup=0, min_sample_s=0)
+    assert "no such layer" in result["variants"]["broken"]["error"]
+    assert result["variants"]["ok"]["forward"]["ratio"] == pytest.approx(1.0)
+
+
+def test_original_dense_formulation_is_the_layer_function():
+    x = np.random.default_rng(1).standard_normal((5, 6)).astype("float32")
+    original = formulations.OriginalDenseMoE(4, 3, **cases.MOE)
+    original(x)
+    layer = keras_moe.DenseMoE(4, 3, **cases.MOE)
+    layer(x)
+    rng = np.random.default_rng(2)
+    ek, eb, gk, gb = (
+        rng.standard_normal(v.shape).astype("float32")
+        for v in original.trainable_variables
+    )
+    original.set_weights([ek, eb, gk, gb])
+    layer.expert_kernel.assign(np.transpose(ek, (0, 2, 1)))
+    layer.expert_bias.assign(eb.T)
+    layer.gating_kernel.assign(gk)
+    layer.gating_bias.assign(gb)
+    np.testing.assert_allclose(
+        to_numpy(original(x)), to_numpy(layer(x)), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_original_conv_formulation_is_the_layer_function():
+    x = np.random.default_rng(1).standard_normal((2, 5, 5, 3)).astype("float32")
+    original = formulations.OriginalConvMoE(2, 4, 2, 3, "same", **cases.MOE)
+    original(x)
+    layer = keras_moe.Conv2DMoE(4, 2, 3, padding="same", **cases.MOE)
+    layer(x)
+    rng = np.random.default_rng(2)
+    ek, eb, gk, gb = (
+        rng.standard_normal(v.shape).astype("float32")
+        for v in original.trainable_variables
+    )
+    original.set_weights([ek, eb, gk, gb])
+    layer.expert_kernel.assign(ek)
+    layer.expert_bias.assign(eb.reshape(4, 2))
+    layer.gating_kernel.assign(gk)
+    layer.gating_bias.assign(gb)
+    np.testing.assert_allclose(
+        to_numpy(original(x)), to_numpy(layer(x)), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_cifar_networks_have_the_original_shapes():
+    cnn = formulations.cifar10_cnn()
+    moe = formulations.cifar10_moe()
+    assert cnn.output_shape == moe.output_shape == (None, 10)
+    # The original networks: 1.25M parameters (CNN), 7.56M (MoE).
+    assert cnn.count_params() == pytest.approx(1.25e6, rel=0.01)
+    assert moe.count_params() == pytest.approx(7.56e6, rel=0.01)
