@@ -131,7 +131,9 @@ class ExpertUsage(keras.callbacks.Callback):
         from matplotlib.figure import Figure
 
         names = [name for name, load in self.loads.items() if len(load)]
-        figure = Figure(figsize=(1.5 + 0.5 * len(self.epochs), 1.0 + 2.2 * len(names)))
+        figure = Figure(
+            figsize=(max(4.5, 2.0 + 0.4 * len(self.epochs)), 0.8 + 2.4 * len(names))
+        )
         FigureCanvasAgg(figure)
         for i, name in enumerate(names):
             load = self.loads[name]
@@ -144,7 +146,7 @@ class ExpertUsage(keras.callbacks.Callback):
                 vmin=0.0,
                 interpolation="nearest",
             )
-            ax.set_title(f"{name}: load x n_experts (1 = balanced)", fontsize=9)
+            ax.set_title(f"{name}: expert load x n_experts (1 = balanced)", fontsize=8)
             ax.set_ylabel("expert")
             ax.set_xlabel("epoch")
             ax.set_xticks(range(len(load)))

@@ -106,6 +106,15 @@ def _backend_function(name):
         return None
 
 
+def _gather_rows(x, indices):
+    """`x[indices]` along axis 0, through the backend's `gather_rows` where it
+    has one (TensorFlow: a dense gradient that XLA compiles)."""
+    gather_rows = _backend_function("gather_rows")
+    if gather_rows is not None:
+        return gather_rows(x, indices)
+    return ops.take(x, indices, axis=0)
+
+
 def top_k_gates(logits, top_k, normalize_top_k=True):
     """Top-k selection over the gate logits and the chosen experts' weights.
 
@@ -284,7 +293,7 @@ class Assignments:
         """`y[t] = sum_j w[t, j] * h[row of (t, j)]` over the kept assignments."""
         units = expert_outputs.shape[-1]
         rows = ops.reshape(expert_outputs, (-1, units))
-        h = ops.take(rows, out_pos, axis=0)
+        h = _gather_rows(rows, out_pos)
         weights = ops.reshape(ops.transpose(self.weights), (-1,))
         if kept is not None:
             # `where`, not a product: a dropped or masked row may hold anything.
@@ -319,7 +328,7 @@ class CapacityLayout:
         self.dropped_fraction = 1.0 - served / ops.maximum(routed, 1.0)
 
     def gather(self, tokens):
-        rows = ops.take(tokens, self._rows_token, axis=0)
+        rows = _gather_rows(tokens, self._rows_token)
         return ops.reshape(rows, self._shape + (tokens.shape[-1],))
 
     def matmul(self, x, kernel, expert_axis=0):
@@ -369,15 +378,22 @@ class BlockLayout(CapacityLayout):
         self._out_pos = ops.take(padded_starts, a.expert) + a.rank
         self.dropped_fraction = ops.zeros((), "float32")
 
+    def _owned(self, weights, equation, dtype):
+        # Each block's expert weights through a one-hot product, not a gather:
+        # a gather's gradient is sparse (`IndexedSlices` on TensorFlow, which
+        # XLA-compiled optimizers reject) and a scatter-add on CPU.
+        owner = ops.one_hot(self._owner, self.assignments.n_experts, dtype=dtype)
+        return ops.einsum(equation, owner, ops.cast(weights, dtype))
+
     def matmul(self, x, kernel, expert_axis=0):
-        # n blocks of b rows, d inputs, m outputs; each block its expert's kernel.
-        kernel = ops.take(ops.cast(kernel, x.dtype), self._owner, axis=expert_axis)
-        equation = "nbd,ndm->nbm" if expert_axis == 0 else "nbd,dnm->nbm"
-        return ops.einsum(equation, x, kernel)
+        # n blocks of b rows, e experts, d inputs, m outputs.
+        kernel = self._owned(
+            kernel, "ne,edm->ndm" if expert_axis == 0 else "ne,dem->ndm", x.dtype
+        )
+        return ops.einsum("nbd,ndm->nbm", x, kernel)
 
     def add_bias(self, x, bias):
-        bias = ops.take(ops.cast(bias, x.dtype), self._owner, axis=0)
-        return x + ops.expand_dims(bias, 1)
+        return x + ops.expand_dims(self._owned(bias, "ne,em->nm", x.dtype), 1)
 
 
 class RowLayout(CapacityLayout):
@@ -395,7 +411,7 @@ class RowLayout(CapacityLayout):
         self.dropped_fraction = ops.zeros((), "float32")
 
     def gather(self, tokens):
-        return ops.take(tokens, self._rows_token, axis=0)
+        return _gather_rows(tokens, self._rows_token)
 
     def matmul(self, x, kernel, expert_axis=0):
         if expert_axis != 0:

@@ -15,3 +15,22 @@ def batch_jacobian(fn, x):
         tape.watch(x)
         y = fn(x)
     return tape.batch_jacobian(y, x)
+
+
+def gather_rows(x, indices):
+    """`x[indices]` along axis 0 with a dense gradient.
+
+    `tf.gather`'s gradient is `IndexedSlices`, whose conversion to a dense
+    tensor XLA cannot compile when the batch size is dynamic (as in
+    `Model.fit(jit_compile=True)`); here the gradient is a dense scatter-add.
+    """
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def gather(x):
+        def grad(dy):
+            return tf.math.unsorted_segment_sum(dy, indices, tf.shape(x)[0])
+
+        return tf.gather(x, indices), grad
+
+    return gather(tf.convert_to_tensor(x))
