@@ -137,6 +137,7 @@ def test_matches_numpy_reference(mode, expert_activation, rank, padding, data_fo
     )
     rng = np.random.default_rng(rank)
     layer = LAYERS[rank](N_FILTERS, N_EXPERTS, 3 if rank < 3 else 2, **kwargs)
+    layer._mixed_kernel = True  # wherever it applies, whatever the sizes
     x = make_input(rank, data_format, rng)
     layer.build(x.shape)
     weights = randomize(layer, rng)
@@ -168,6 +169,7 @@ def test_strides_and_dilation_match_numpy_reference(
     )
     rng = np.random.default_rng(7)
     layer = LAYERS[rank](N_FILTERS, N_EXPERTS, 2, **kwargs)
+    layer._mixed_kernel = True
     x = make_input(rank, "channels_last", rng)
     layer.build(x.shape)
     weights = randomize(layer, rng)
@@ -182,27 +184,59 @@ def test_mixed_kernel_path_equals_the_general_path():
     layer = Conv2DMoE(5, 3, 3, padding="same", gating_input="pooled")
     layer.build(x.shape)
     randomize(layer, rng)
+    layer._mixed_kernel = True
     assert layer._uses_mixed_kernel(x)
     mixed = to_numpy(layer(x))
-    layer._mixed_kernel_enabled = False
+    layer._mixed_kernel = False
     assert not layer._uses_mixed_kernel(x)
     np.testing.assert_allclose(mixed, to_numpy(layer(x)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,input_shape,expected",
+    [
+        (dict(), (None, 5, 5, 32), True),
+        (dict(expert_activation="relu"), (None, 5, 5, 32), False),
+        (dict(gating_input="local"), (None, 5, 5, 32), False),
+        (dict(gating_input="flatten"), (None, 5, 5, 32), False),
+        (dict(), (None, None, 5, 32), False),
+    ],
+)
+def test_mixed_kernel_path_applies_only_to_linear_experts_with_pooled_gates(
+    kwargs, input_shape, expected
+):
+    kwargs = {"gating_input": "pooled", **kwargs}
+    layer = Conv2DMoE(2, 4, 3, **kwargs)
+    x = keras.KerasTensor(input_shape)
+    # Off by default: it measured slower than the general path in most cases.
+    assert not layer._uses_mixed_kernel(x)
+    layer._mixed_kernel = True
+    assert layer._uses_mixed_kernel(x) == expected
 
 
 # ---------------------------------------------------------------- harness
 
 
+@keras.saving.register_keras_serializable(package="keras_moe_tests")
+class MixedKernelConv2DMoE(Conv2DMoE):
+    """`Conv2DMoE` with the mixed-kernel path on, for Keras's harness."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._mixed_kernel = True
+
+
 class ConvGatingLayerTest(testing.TestCase):
-    def run_mode(self, mode, expert_activation, rank=2):
+    def run_mode(self, mode, expert_activation, rank=2, layer_cls=None):
         # run_layer_test includes symbolic and eager calls, serialisation, a
         # training step and the mixed-precision check.
         shape = SHAPES[rank]
         out = (2, 4, 3) if rank == 2 else (2, 5)
         self.run_layer_test(
-            LAYERS[rank],
+            layer_cls or LAYERS[rank],
             init_kwargs={
                 "n_filters": 4,
-                "n_experts_per_filter": 2,
+                "n_experts_per_filter": 4,
                 "kernel_size": 3,
                 "gating_input": mode,
                 "expert_activation": expert_activation,
@@ -222,8 +256,11 @@ class ConvGatingLayerTest(testing.TestCase):
     def test_pooled(self):
         self.run_mode("pooled", "relu")
 
-    def test_pooled_linear_experts_mixed_kernel(self):
+    def test_pooled_linear_experts(self):
         self.run_mode("pooled", None)
+
+    def test_pooled_linear_experts_mixed_kernel(self):
+        self.run_mode("pooled", None, layer_cls=MixedKernelConv2DMoE)
 
     def test_local(self):
         self.run_mode("local", "relu")

@@ -82,9 +82,12 @@ class BaseConvMoE(BaseMoE):
                 f"Received: strides={self.strides}, dilation_rate={self.dilation_rate}"
             )
         self.input_spec = keras.layers.InputSpec(ndim=rank + 2)
-        # Whether linear experts under "pooled" gates run as one mixed-kernel
-        # convolution per sample (see `mixed_kernel_outputs`).
-        self._mixed_kernel_enabled = True
+        # Whether linear experts under "pooled" gates take the mixed-kernel
+        # path (`mixed_kernel_outputs`). Off: benchmarks/conv_gating.py
+        # measured it slower than the general path on TensorFlow and PyTorch
+        # at every size tried, and on JAX with 2 experts per filter (faster
+        # only with 4, by 0.7-1.05x). Tests and benchmarks switch it on.
+        self._mixed_kernel = False
 
     @property
     def _channel_axis(self):
@@ -255,8 +258,10 @@ class BaseConvMoE(BaseMoE):
         `(sum_k g W_{f,k}) * x + sum_k g c_{f,k}`, which costs `1 / k` of the
         experts' convolution. The per-sample convolution runs as one batched
         matmul per kernel tap (`prod(kernel_size)` of them, unrolled when
-        traced) on the shifted input, since a grouped convolution over the
-        batch is many times slower on CPU. Needs static spatial sizes.
+        traced) on the shifted input: a grouped convolution with the batch
+        folded into the channels measured 23-109x slower than the general
+        path on CPU (JAX). Needs static spatial sizes. Off by default (see
+        `_mixed_kernel`).
 
         Args:
             x: Channels-last input `(b, *spatial, in_channels)`.
@@ -305,7 +310,7 @@ class BaseConvMoE(BaseMoE):
 
     def _uses_mixed_kernel(self, inputs):
         return (
-            self._mixed_kernel_enabled
+            self._mixed_kernel
             and self.gating_input == "pooled"
             and self.expert_activation is keras.activations.linear
             and None not in tuple(inputs.shape[1:])

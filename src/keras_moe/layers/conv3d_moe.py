@@ -39,9 +39,7 @@ class Conv3DMoE(BaseConvMoE):
             over its first axes (`prod(input_shape[1:])`, `in_channels` or
             `in_channels * prod(kernel_size)`).
         gating_input: `"flatten"` (default), `"pooled"` or `"local"`: what
-            the gates see (above). With linear experts and `"pooled"` gates
-            the layer computes one mixed-kernel convolution per sample (the
-            CondConv identity) instead of every expert.
+            the gates see (above).
         **kwargs: Base layer arguments.
 
     Call arguments:
