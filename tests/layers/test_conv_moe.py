@@ -801,3 +801,27 @@ def test_config_round_trip_preserves_every_argument(rank):
     )
     assert type(restored) is LAYERS[rank]
     assert restored.get_config() == config
+
+
+# ---------------------------------------------------------------- no loops
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("n_experts", [1, 5])
+def test_all_experts_come_from_one_convolution(monkeypatch, rank, n_experts):
+    layer = LAYERS[rank](3, n_experts, 2, gating_activation="softmax")
+    x = np.ones((2,) + (3,) * rank + (2,), "float32")
+    layer.build(x.shape)
+    counts = dict.fromkeys(["conv", "matmul", "einsum"], 0)
+    for name in counts:
+        original = getattr(keras.ops, name)
+
+        def counting(*args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(keras.ops, name, counting)
+    layer(x)
+    # One convolution for every (filter, expert), one matmul for the gates,
+    # one einsum to mix: independent of the number of experts.
+    assert counts == {"conv": 1, "matmul": 1, "einsum": 1}

@@ -445,7 +445,9 @@ def test_rank_one_input_on_call_is_rejected():
 def test_wrong_input_dim_after_build_is_rejected():
     layer = DenseMoE(2, 2)
     layer(np.zeros((1, 4), "float32"))
-    with pytest.raises(ValueError, match=r"axis -1 of input shape to have value 4.*\(1, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"axis -1 of input shape to have value 4.*\(1, 5\)"
+    ):
         layer(np.zeros((1, 5), "float32"))
 
 
@@ -520,3 +522,31 @@ def test_constraints_are_attached_to_the_weights():
     assert isinstance(layer.gating_kernel.constraint, keras.constraints.NonNeg)
     assert isinstance(layer.expert_bias.constraint, keras.constraints.UnitNorm)
     assert isinstance(layer.gating_bias.constraint, keras.constraints.MinMaxNorm)
+
+
+# ---------------------------------------------------------------- no loops
+
+
+def count_ops_calls(monkeypatch, names):
+    counts = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(keras.ops, name)
+
+        def counting(*args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(keras.ops, name, counting)
+    return counts
+
+
+@pytest.mark.parametrize("n_experts", [1, 6])
+def test_all_experts_come_from_one_matmul(monkeypatch, n_experts):
+    layer = DenseMoE(3, n_experts, gating_activation="softmax")
+    x = np.ones((2, 5, 4), "float32")
+    layer.build(x.shape)
+    counts = count_ops_calls(monkeypatch, ["matmul", "einsum", "dot", "tensordot"])
+    layer(x)
+    # One matmul for the experts, one for the gates, one einsum to combine:
+    # the same whatever the number of experts (no Python loop over them).
+    assert counts == {"matmul": 2, "einsum": 1, "dot": 0, "tensordot": 0}
