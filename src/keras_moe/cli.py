@@ -2,12 +2,19 @@
 
 Every subcommand is one module with `DESCRIPTION`, `add_arguments(parser)`
 and `run(args)`. To add one, add its module to `SUBCOMMANDS`. Every
-subcommand gets `--out DIR` (default `results/<name>`) and `--quick`.
+subcommand gets `--out DIR` (default `results/<name>`; with `--quick` a folder
+under the temporary directory, so smoke runs never overwrite `results/`) and
+`--quick`.
 """
 
 import argparse
 import importlib
+import os
 import sys
+import tempfile
+
+# Smoke runs never overwrite the committed results/.
+QUICK_OUT = os.path.join(tempfile.gettempdir(), "keras-moe-quick")
 
 SUBCOMMANDS = {
     "cifar10": "keras_moe.experiments.cifar10",
@@ -41,8 +48,9 @@ def build_parser():
         )
         subparser.add_argument(
             "--out",
-            default=f"results/{name}",
-            help="folder for results.json, the plots and summary.md",
+            default=None,
+            help=f"folder for results.json, the plots and summary.md (default: "
+            f"results/{name}, with --quick {QUICK_OUT}/{name})",
         )
         subparser.add_argument(
             "--quick",
@@ -60,5 +68,9 @@ def main(argv=None):
     from keras_moe.experiments.common import command_line
 
     args.command_line = command_line(argv)
+    if args.out is None:
+        quick = getattr(args, "quick", False)
+        base = QUICK_OUT if quick else "results"
+        args.out = os.path.join(base, args.subcommand)
     args.run(args)
     return 0

@@ -50,3 +50,14 @@ def test_python_dash_m_runs_the_same_command():
     assert result.returncode == 0, result.stderr
     for subcommand in ("cifar10", "jacobian", "mnist1d"):
         assert subcommand in result.stdout
+
+
+def test_out_defaults(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(
+        "keras_moe.experiments.jacobian.run", lambda args: seen.update(out=args.out)
+    )
+    cli.main(["jacobian"])
+    assert seen["out"] == "results/jacobian"
+    cli.main(["jacobian", "--quick"])
+    assert seen["out"].startswith(cli.QUICK_OUT)
