@@ -96,7 +96,7 @@ def soft_mixture_per_filter(expert_outputs, gates):
 # Dropless mode first tries capacity buffers of these factors (exact, as long
 # as every expert's group fits, which `ops.cond` checks at run time) and falls
 # back to the padded blocks only for the rare batch that overflows them all.
-DROPLESS_CAPACITY_FACTORS = (1.25, 2.0)
+DROPLESS_CAPACITY_FACTORS = (1.25, 1.5, 2.0)
 
 
 def _backend_function(name):
@@ -475,7 +475,9 @@ def sparse_mixture(
         return run(RowLayout(a, grouped_matmul)), a.group_sizes, dropped
 
     def exact(factors):
-        if not factors:
+        # The run-time choice needs a static token count (a dynamic one, as in
+        # TensorFlow's graph mode, goes straight to the blocks).
+        if not factors or not isinstance(a.total, int):
             return lambda: run(BlockLayout(a))
         capacity = expert_capacity(a.n_tokens, a.top_k, n_experts, factors[0])
         if isinstance(capacity, int) and capacity >= a.total:

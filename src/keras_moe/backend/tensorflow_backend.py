@@ -27,10 +27,11 @@ def gather_rows(x, indices):
     import tensorflow as tf
 
     @tf.custom_gradient
-    def gather(x):
+    def gather(x, indices):
         def grad(dy):
-            return tf.math.unsorted_segment_sum(dy, indices, tf.shape(x)[0])
+            dx = tf.math.unsorted_segment_sum(dy, indices, tf.shape(x)[0])
+            return dx, None
 
         return tf.gather(x, indices), grad
 
-    return gather(tf.convert_to_tensor(x))
+    return gather(tf.convert_to_tensor(x), tf.convert_to_tensor(indices))
