@@ -1,8 +1,8 @@
 import keras
 import numpy as np
-from tests.conftest import to_numpy
 
 from keras_moe import backend
+from tests.conftest import to_numpy
 
 
 def test_jacobian_of_a_linear_layer_is_its_kernel():
