@@ -67,6 +67,11 @@ class BaseConvMoE(BaseMoE):
         self.strides = utils.check_int_tuple("strides", strides, rank)
         self.dilation_rate = utils.check_int_tuple("dilation_rate", dilation_rate, rank)
         paddings = {"valid", "same", "causal"} if rank == 1 else {"valid", "same"}
+        if rank > 1 and isinstance(padding, str) and padding.lower() == "causal":
+            raise ValueError(
+                f"`padding` must be 'valid' or 'same' for a {rank}D layer "
+                f"('causal' is only for `Conv1DMoE`). Received: padding={padding!r}"
+            )
         self.padding = utils.check_choice("padding", padding, paddings)
         if data_format is None:
             data_format = keras.config.image_data_format()
