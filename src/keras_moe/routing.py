@@ -99,11 +99,23 @@ def soft_mixture_per_filter(expert_outputs, gates):
 DROPLESS_CAPACITY_FACTORS = (1.25, 1.5, 2.0)
 
 
-def _backend_function(name):
+def _lookup_backend_function(name):
     try:
         return getattr(backend, name)
     except NotImplementedError:
         return None
+
+
+# Looked up once at import: `torch.compile` cannot trace the lookup's
+# `try`/`except`.
+_BACKEND_FUNCTIONS = {
+    name: _lookup_backend_function(name)
+    for name in ("gather_rows", "grouped_matmul", "grouped_matmul_usable")
+}
+
+
+def _backend_function(name):
+    return _BACKEND_FUNCTIONS.get(name)
 
 
 def _gather_rows(x, indices):
