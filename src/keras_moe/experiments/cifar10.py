@@ -15,7 +15,8 @@ Dense layer widened to the MoE's parameter count (the MoE's extra parameters
 are mostly gating weights, which cost little compute, as a wide Dense does);
 and `moe-pooled`, the MoE network whose conv gates read the spatial mean of
 their input (`gating_input="pooled"`) instead of millions of weights on the
-whole flattened input.
+whole flattened input, with a DenseMoE(256, 2) head, so that it has about the
+CNN's parameters (1.33M against 1.25M).
 
 Long runs can be split: train disjoint `--models` in separate processes with
 one protocol, then `--merge DIR ...` combines their results.json files.
@@ -37,7 +38,7 @@ MODELS = ("cnn", "moe", "moe-pooled", "cnn-wide-dense", "cnn-wide")
 LABELS = {
     "cnn": "CNN (original)",
     "moe": "MoE (original)",
-    "moe-pooled": "MoE, pooled conv gating",
+    "moe-pooled": "MoE, pooled conv gating, DenseMoE(256) head",
     "cnn-wide-dense": "CNN, Dense widened to the MoE's parameters",
     "cnn-wide": "CNN, all layers widened to the MoE's parameters",
 }
@@ -150,7 +151,9 @@ def build_model(
         ]
     layers += [
         keras.layers.Flatten(),
-        _dense(kind, 512, width),
+        # Half the units in moe-pooled's DenseMoE head: with 2 experts and cheap
+        # pooled conv gates the network then has about the CNN's parameters.
+        _dense(kind, 256 if name == "moe-pooled" else 512, width),
         keras.layers.Dropout(0.5),
         keras.layers.Dense(n_classes, activation="softmax"),
     ]
