@@ -70,7 +70,9 @@ def soft_mixture_per_filter(expert_outputs, gates):
     """
     gates = ops.cast(gates, expert_outputs.dtype)
     if len(gates.shape) == 3:
-        return ops.einsum("bsfk,bfk->bsf", expert_outputs, gates)
+        # Broadcast multiply-and-sum rather than einsum: measured faster in
+        # forward+backward on TensorFlow and PyTorch, equal on JAX.
+        gates = ops.expand_dims(gates, 1)
     return ops.sum(expert_outputs * gates, axis=-1)
 
 
