@@ -23,6 +23,17 @@ SUBCOMMANDS = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default only where it tells something: not for
+    on/off flags (a `--no-x` flag's default `True` reads as the opposite)
+    nor for `None` (options whose help says what happens without them)."""
+
+    def _get_help_string(self, action):
+        if action.nargs == 0 or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="keras-moe",
@@ -44,7 +55,7 @@ def build_parser():
             name,
             help=module.DESCRIPTION.splitlines()[0],
             description=module.DESCRIPTION,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=_HelpFormatter,
         )
         subparser.add_argument(
             "--out",

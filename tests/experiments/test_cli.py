@@ -33,6 +33,17 @@ def test_help_documents_the_options(capsys, subcommand, options):
         assert option in text
 
 
+def test_help_shows_defaults_only_where_they_mean_something(capsys):
+    """`--no-augmentation` must not read "(default: True)"; valued options
+    keep their defaults."""
+    with pytest.raises(SystemExit):
+        cli.main(["cifar10", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "train without random shifts and flips (default" not in text
+    assert "(default: None)" not in text
+    assert "(default: 1e-06)" in text
+
+
 def test_unknown_subcommand_is_an_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["nope"])
