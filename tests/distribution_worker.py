@@ -37,8 +37,9 @@ TOLERANCE = 2e-5
 
 def build_model():
     """A small network with every expert-weight layout the map must handle:
-    conv experts, token-routed experts (`MoEFeedForward` and `DenseMoE` with
-    `top_k`, capacity layout) and a soft `DenseMoE`."""
+    conv experts, token-routed experts (`MoEFeedForward` dropless, the
+    default, and `DenseMoE` with `top_k` and a capacity) and a soft
+    `DenseMoE`."""
     inputs = keras.Input(INPUT_SHAPE)
     h = Conv2DMoE(
         4,
@@ -51,9 +52,7 @@ def build_model():
     )(inputs)
     h = keras.layers.Reshape((TOKENS, 4))(h)
     h = keras.layers.Dense(20, name="embed")(h)
-    h = MoEFeedForward(
-        24, 8, top_k=2, gated=True, capacity_factor=2.0, name="ffn_experts"
-    )(h)
+    h = MoEFeedForward(24, 8, top_k=2, gated=True, name="ffn_experts")(h)
     h = DenseMoE(
         14, 8, top_k=2, capacity_factor=2.0, expert_activation="relu", name="top2"
     )(h)

@@ -134,6 +134,27 @@ def test_skewed_routing_takes_the_exact_fallback(monkeypatch):
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_under_a_distribution_the_exact_fallback_is_a_full_buffer(monkeypatch):
+    """Under a `keras.distribution` the dropless fallback is a capacity buffer
+    of `n` slots per expert, never the blocks (whose per-block weight copies
+    would move sharded expert weights between devices)."""
+    monkeypatch.setattr(routing, "_backend_function", lambda name: None)
+    monkeypatch.setattr(keras.distribution, "distribution", lambda: object())
+
+    def no_blocks(*args, **kwargs):
+        raise AssertionError("the blocks layout ran under a distribution")
+
+    monkeypatch.setattr(routing.BlockLayout, "__init__", no_blocks)
+    for k in (1, 2):
+        x, kernel, bias, logits = random_case(3, skew=50.0)
+        out, sizes, dropped = run_sparse(x, logits, kernel, bias, k)
+        weights, experts = np_top_k_gates(logits, k, True)
+        assert sizes[0] == len(x)
+        ref, _ = np_sparse_mixture(x, experts, weights, kernel, bias)
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+        assert dropped == 0.0
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_large_capacity_equals_dropless(k):
     x, kernel, bias, logits = random_case(5, skew=2.0)

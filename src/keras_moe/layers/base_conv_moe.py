@@ -332,10 +332,9 @@ class BaseConvMoE(BaseMoE):
             outputs = self.mixed_kernel_outputs(self._to_channels_last(inputs), gates)
             return self._from_channels_last(outputs)
         h = self.expert_outputs(self._to_channels_last(inputs))
-        spatial = ops.shape(h)[1:-2]
-        h = ops.reshape(h, (ops.shape(h)[0], -1) + gates_shape)
+        if self.gating_input == "local":
+            gates = ops.reshape(gates, ops.shape(h))
         outputs = routing.soft_mixture_per_filter(h, gates)
-        outputs = ops.reshape(outputs, (ops.shape(h)[0],) + spatial + (self.n_filters,))
         return self._from_channels_last(outputs)
 
     def expert_weight_axes(self):
