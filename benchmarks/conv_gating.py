@@ -7,9 +7,9 @@ the mixture (the general path). This script times, per case, side by side in
 one process and interleaved (`benchmarks.harness.compare`, medians):
 
 - `mixed`: pooled gates, linear experts, mixed-kernel path (`_mixed_kernel`
-  switched on; off by default because these measurements found it slower in
-  most cases);
-- `general`: the same layer on the general path (what the layer runs; baseline);
+  forced on; the layer uses it by itself from `MIXED_KERNEL_MIN_EXPERTS`
+  experts per filter, where these measurements found it faster);
+- `general`: the same layer on the general path (forced; baseline);
 - `flatten`, `local`: the other gating modes (general path, linear experts).
 
     python -m benchmarks.conv_gating                       # current KERAS_BACKEND
@@ -36,6 +36,8 @@ CASES = [
     ("16x16x64 F64 K2", Conv2DMoE, 64, 2, 3, (32, 16, 16, 64)),
     ("16x16x16 F64 K4", Conv2DMoE, 64, 4, 3, (32, 16, 16, 16)),
     ("1d 256x64 F64 K4 k5", Conv1DMoE, 64, 4, 5, (32, 256, 64)),
+    ("16x16x64 F32 K8", Conv2DMoE, 32, 8, 3, (32, 16, 16, 64)),
+    ("cifar 32x32x32 F32 K8", Conv2DMoE, 32, 8, 3, (32, 32, 32, 32)),
 ]
 
 

@@ -17,6 +17,7 @@ from keras_moe import Conv1DMoE
 from keras_moe import Conv2DMoE
 from keras_moe import Conv3DMoE
 from keras_moe import compat
+from keras_moe.layers import base_conv_moe
 from tests.conftest import to_numpy
 
 LAYERS = {1: Conv1DMoE, 2: Conv2DMoE, 3: Conv3DMoE}
@@ -208,10 +209,30 @@ def test_mixed_kernel_path_applies_only_to_linear_experts_with_pooled_gates(
     kwargs = {"gating_input": "pooled", **kwargs}
     layer = Conv2DMoE(2, 4, 3, **kwargs)
     x = keras.KerasTensor(input_shape)
-    # Off by default: it measured slower than the general path in most cases.
+    # Automatic: off below 8 experts per filter, where it measured slower.
     assert not layer._uses_mixed_kernel(x)
     layer._mixed_kernel = True
     assert layer._uses_mixed_kernel(x) == expected
+    # On by default from 8 experts per filter, where it measured faster.
+    many = Conv2DMoE(2, base_conv_moe.MIXED_KERNEL_MIN_EXPERTS, 3, **kwargs)
+    assert many._uses_mixed_kernel(x) == expected
+    many._mixed_kernel = False
+    assert not many._uses_mixed_kernel(x)
+
+
+def test_default_path_with_many_experts_equals_the_general_path():
+    """The mixed-kernel path the layer takes by itself (8 experts per filter)
+    against the general path (checked against NumPy above)."""
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(2, 7, 6, 4)).astype("float32")
+    n_experts = base_conv_moe.MIXED_KERNEL_MIN_EXPERTS
+    layer = Conv2DMoE(3, n_experts, 3, padding="same", gating_input="pooled")
+    layer.build(x.shape)
+    randomize(layer, rng)
+    assert layer._uses_mixed_kernel(x)
+    default = to_numpy(layer(x))
+    layer._mixed_kernel = False
+    np.testing.assert_allclose(default, to_numpy(layer(x)), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- harness

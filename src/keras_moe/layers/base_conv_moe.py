@@ -10,6 +10,13 @@ from keras_moe.layers.base_moe import BaseMoE
 
 GATING_INPUTS = ("flatten", "pooled", "local")
 
+# From this many experts per filter, linear experts under "pooled" gates take
+# the mixed-kernel path by default. benchmarks/conv_gating.py, forward+backward
+# against the general path: with 8 experts per filter 0.42-0.62x on JAX,
+# 0.79-1.04x on TensorFlow, 0.35-0.94x on PyTorch; with 4, 0.82-1.20x on JAX
+# and 1.5-1.7x on TensorFlow and PyTorch; with 2, slower everywhere.
+MIXED_KERNEL_MIN_EXPERTS = 8
+
 
 def conv_output_length(length, kernel_size, stride, padding, dilation):
     """Output length of one spatial axis (`None` stays `None`)."""
@@ -88,11 +95,10 @@ class BaseConvMoE(BaseMoE):
             )
         self.input_spec = keras.layers.InputSpec(ndim=rank + 2)
         # Whether linear experts under "pooled" gates take the mixed-kernel
-        # path (`mixed_kernel_outputs`). Off: benchmarks/conv_gating.py
-        # measured it slower than the general path on TensorFlow and PyTorch
-        # at every size tried, and on JAX with 2 experts per filter (faster
-        # only with 4, by 0.7-1.05x). Tests and benchmarks switch it on.
-        self._mixed_kernel = False
+        # path (`mixed_kernel_outputs`): `None` (automatic) where it measured
+        # faster, from `MIXED_KERNEL_MIN_EXPERTS` experts per filter; tests
+        # and benchmarks force it with `True` or `False`.
+        self._mixed_kernel = None
 
     @property
     def _channel_axis(self):
@@ -265,8 +271,9 @@ class BaseConvMoE(BaseMoE):
         matmul per kernel tap (`prod(kernel_size)` of them, unrolled when
         traced) on the shifted input: a grouped convolution with the batch
         folded into the channels measured 23-109x slower than the general
-        path on CPU (JAX). Needs static spatial sizes. Off by default (see
-        `_mixed_kernel`).
+        path on CPU (JAX). Needs static spatial sizes. Used by default from
+        `MIXED_KERNEL_MIN_EXPERTS` experts per filter, where it measured
+        faster on every backend (see `_mixed_kernel`).
 
         Args:
             x: Channels-last input `(b, *spatial, in_channels)`.
@@ -314,8 +321,11 @@ class BaseConvMoE(BaseMoE):
         return outputs
 
     def _uses_mixed_kernel(self, inputs):
+        wanted = self._mixed_kernel
+        if wanted is None:
+            wanted = self.n_experts_per_filter >= MIXED_KERNEL_MIN_EXPERTS
         return (
-            self._mixed_kernel
+            wanted
             and self.gating_input == "pooled"
             and self.expert_activation is keras.activations.linear
             and None not in tuple(inputs.shape[1:])
