@@ -39,6 +39,13 @@ def main(argv=None):
         default="eager",
         help="PyTorch steps eager (Keras's default on torch) or torch.compile",
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="interleaved timed samples per variant (default: jax 5, torch 3, "
+        "tensorflow 3)",
+    )
     parser.add_argument("--worker", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     names = [n for n in args.cases.split(",") if n]
@@ -51,7 +58,10 @@ def main(argv=None):
         from benchmarks import suite
 
         result = suite.run_backend(
-            names or None, tiny=args.tiny, log=lambda m: print(m, flush=True)
+            names or None,
+            tiny=args.tiny,
+            repeats=args.repeats,
+            log=lambda m: print(m, flush=True),
         )
         payload = {"cases": result, "torch_mode": harness.torch_mode()}
         pathlib.Path(args.worker).write_text(json.dumps(payload))
@@ -64,7 +74,13 @@ def main(argv=None):
     )
     backends = [b for b in args.backends.split(",") if b]
     suite.run_all(
-        backends, names, args.tiny, args.out, command.strip(), args.torch_mode
+        backends,
+        names,
+        args.tiny,
+        args.out,
+        command.strip(),
+        args.torch_mode,
+        repeats=args.repeats,
     )
     print(f"wrote {args.out}/benchmarks.json, benchmarks.md, expert_sweep.png")
     return 0

@@ -80,7 +80,16 @@ def versions():
     return ", ".join(found)
 
 
-def run_all(backends, names, tiny, out_dir, command, torch_mode="eager", log=print):
+def run_all(
+    backends,
+    names,
+    tiny,
+    out_dir,
+    command,
+    torch_mode="eager",
+    repeats=None,
+    log=print,
+):
     """One subprocess per backend, merged into `out_dir`; returns the dict."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -90,6 +99,7 @@ def run_all(backends, names, tiny, out_dir, command, torch_mode="eager", log=pri
         args = [sys.executable, "-m", "benchmarks", "--worker", str(part)]
         args += ["--cases", ",".join(names)] if names else []
         args += ["--tiny"] if tiny else []
+        args += ["--repeats", str(repeats)] if repeats else []
         env = {**os.environ, "KERAS_BACKEND": backend}
         env["KERAS_MOE_BENCH_TORCH"] = torch_mode
         env["PYTHONPATH"] = os.pathsep.join(
@@ -112,7 +122,7 @@ def run_all(backends, names, tiny, out_dir, command, torch_mode="eager", log=pri
         "command": command,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared)",
         "versions": versions(),
-        "repeats": DEFAULT_REPEATS if not tiny else 2,
+        "repeats": repeats or (DEFAULT_REPEATS if not tiny else 2),
         "torch_mode": torch_mode,
         "tiny": tiny,
     }

@@ -250,3 +250,28 @@ def test_cifar_networks_have_the_original_shapes():
     # The original networks: 1.25M parameters (CNN), 7.56M (MoE).
     assert cnn.count_params() == pytest.approx(1.25e6, rel=0.01)
     assert moe.count_params() == pytest.approx(7.56e6, rel=0.01)
+
+
+def test_command_runs_a_backend_in_its_own_process_with_the_repeats_asked(tmp_path):
+    """`python -m benchmarks --repeats N`: N timed samples per variant, in meta."""
+    from benchmarks import __main__ as command
+
+    command.main(
+        [
+            "--backends",
+            BACKEND,
+            "--cases",
+            "dense_soft",
+            "--tiny",
+            "--repeats",
+            "3",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    data = json.loads((tmp_path / "benchmarks.json").read_text())
+    assert data["meta"]["repeats"] == 3
+    variants = data["cases"]["dense_soft"][BACKEND]["variants"]
+    for entry in variants.values():
+        assert len(entry["forward_backward"]["samples_s"]) == 3
+    assert (tmp_path / "benchmarks.md").read_text().startswith("# keras-moe benchmarks")
