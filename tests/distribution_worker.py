@@ -39,7 +39,10 @@ def build_model():
     """A small network with every expert-weight layout the map must handle:
     conv experts, token-routed experts (`MoEFeedForward` dropless, the
     default, and `DenseMoE` with `top_k` and a capacity) and a soft
-    `DenseMoE`."""
+    `DenseMoE`. The capacity is per routing group (each batch shard routes its
+    own tokens under the distribution, one group on one device): 4.0 holds
+    every assignment of a group of 150 tokens, so the two runs drop nothing
+    and stay comparable."""
     inputs = keras.Input(INPUT_SHAPE)
     h = Conv2DMoE(
         4,
@@ -54,7 +57,7 @@ def build_model():
     h = keras.layers.Dense(20, name="embed")(h)
     h = MoEFeedForward(24, 8, top_k=2, gated=True, name="ffn_experts")(h)
     h = DenseMoE(
-        14, 8, top_k=2, capacity_factor=2.0, expert_activation="relu", name="top2"
+        14, 8, top_k=2, capacity_factor=4.0, expert_activation="relu", name="top2"
     )(h)
     h = keras.layers.GlobalAveragePooling1D()(h)
     h = DenseMoE(
@@ -199,6 +202,46 @@ def no_expert_weight_moved(hlo_text, model, n_shards):
     return bool(weights) and not offending, detail
 
 
+def grouped_compute(model):
+    """Each batch shard routes its own tokens: the per-device FLOPs of the
+    token-routed layer's forward+backward are about `1 / batch-axis size` of
+    one routing over the global batch (the experts' work is split, not
+    repeated, over the `batch` axis)."""
+    import jax
+    import jax.numpy as jnp
+
+    from keras_moe import routing
+
+    layer = model.get_layer("ffn_experts")
+    distribution = keras.distribution.distribution()
+    shape = (BATCH, TOKENS, layer.expert_up_kernel.shape[1])
+    x = np.random.default_rng(1).normal(size=shape).astype("float32")
+    x = jax.device_put(x, distribution.get_data_layout(shape).backend_layout)
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+
+    def loss(tv):
+        y = layer.stateless_call(tv, non_trainable, x, training=True)[0]
+        return jnp.sum(y**2)
+
+    flops = {}
+    grouped = routing.distribution_groups
+    try:
+        for name, plan in (("grouped", grouped), ("global", lambda n: (1, None))):
+            routing.distribution_groups = plan
+            compiled = jax.jit(jax.grad(loss)).lower(trainable).compile()
+            analysis = compiled.cost_analysis()
+            if isinstance(analysis, list):
+                analysis = analysis[0]
+            flops[name] = float(analysis["flops"])
+    finally:
+        routing.distribution_groups = grouped
+    flops["groups"] = grouped(BATCH * TOKENS)[0]
+    return flops["groups"] == MESH_SHAPE[0] and flops["grouped"] < 0.75 * flops[
+        "global"
+    ], flops
+
+
 def check_expert_parallel(directory, checks):
     import jax
 
@@ -303,11 +346,17 @@ def check_expert_parallel(directory, checks):
         [v.value for v in model.optimizer.variables],
         [v.value for v in model.metrics_variables],
     )
-    train_hlo = jax.jit(model.train_step).lower(state, (xb, yb)).compile().as_text()
+    # Traced under the distribution, as `fit` traces it.
+    with distribution.scope():
+        step = jax.jit(model.train_step).lower(state, (xb, yb))
+    train_hlo = step.compile().as_text()
     checks.run(
         "train_step_no_expert_gather",
         lambda: no_expert_weight_moved(train_hlo, model, MESH_SHAPE[1]),
     )
+
+    with distribution.scope():
+        checks.run("grouped_routing_splits_compute", lambda: grouped_compute(model))
 
     model.save(os.path.join(directory, "multi.keras"))
     np.save(os.path.join(directory, "multi_pred.npy"), ep_pred)

@@ -155,6 +155,67 @@ def test_under_a_distribution_the_exact_fallback_is_a_full_buffer(monkeypatch):
         assert dropped == 0.0
 
 
+class _FakeMesh:
+    shape = (2, 1)
+    axis_names = ("batch", "expert")
+
+
+class _FakeDistribution:
+    """What `routing.distribution_groups` reads of a distribution: a batch
+    axis of 2 devices (the layouts themselves are checked on 8 simulated
+    devices in tests/test_distribution.py)."""
+
+    batch_dim_name = "batch"
+    device_mesh = _FakeMesh()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_grouped_routing_under_a_distribution(k, monkeypatch):
+    """Under a distribution with a batch axis of 2, each half of the tokens is
+    routed on its own: dropless equals one routing over all tokens, and a
+    capacity holds per group (GShard's semantics)."""
+    monkeypatch.setattr(routing, "_backend_function", lambda name: None)
+    monkeypatch.setattr(keras.distribution, "distribution", _FakeDistribution)
+    constrained = []
+
+    def distribute_tensor(x, layout):
+        constrained.append((tuple(x.shape), tuple(layout.axes)))
+        return x
+
+    monkeypatch.setattr(keras.distribution, "distribute_tensor", distribute_tensor)
+    monkeypatch.setattr(
+        keras.distribution,
+        "TensorLayout",
+        lambda axes, mesh: type("L", (), {"axes": axes}),
+    )
+    assert routing.distribution_groups(12)[0] == 2
+    assert routing.distribution_groups(13) == (1, None)
+    x, kernel, bias, logits = random_case(4, n=24, skew=1.0)
+    weights, experts = np_top_k_gates(logits, k, True)
+    out, sizes, dropped = run_sparse(x, logits, kernel, bias, k)
+    ref, _ = np_sparse_mixture(x, experts, weights, kernel, bias)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(sizes, np.bincount(experts.ravel(), minlength=5))
+    assert dropped == 0.0
+    # (groups, experts, capacity, features) buffers over (batch, expert axis).
+    assert constrained and all(
+        shape[:2] == (2, N_EXPERTS) and axes[:2] == ("batch", None)
+        for shape, axes in constrained
+    )
+    # A capacity per group: each half against its own NumPy reference.
+    out, _, dropped = run_sparse(x, logits, kernel, bias, k, capacity_factor=0.5)
+    half = len(x) // 2
+    capacity = math.ceil(0.5 * half * k / N_EXPERTS)
+    total_dropped = 0.0
+    for rows in (slice(0, half), slice(half, None)):
+        ref, ref_dropped = np_sparse_mixture(
+            x[rows], experts[rows], weights[rows], kernel, bias, capacity
+        )
+        np.testing.assert_allclose(out[rows], ref, rtol=1e-4, atol=1e-5)
+        total_dropped += ref_dropped / 2
+    np.testing.assert_allclose(dropped, total_dropped, rtol=1e-5)
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_large_capacity_equals_dropless(k):
     x, kernel, bias, logits = random_case(5, skew=2.0)

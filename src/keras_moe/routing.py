@@ -330,13 +330,20 @@ class CapacityLayout:
     (per-expert bias `(e, m)`); any elementwise function applies as is.
     """
 
-    def __init__(self, assignments, capacity):
+    groups = 1
+
+    def __init__(self, assignments, capacity, groups=1, constrain=None):
         a = assignments
         self.assignments = a
+        self.groups = groups
+        if constrain is not None:
+            self._constrain = constrain
         slots = ops.arange(capacity, dtype="int32")
         src = ops.minimum(ops.expand_dims(a.starts[:-1], 1) + slots, a.total - 1)
         self._rows_token = ops.reshape(ops.take(a.sorted_token, src), (-1,))
         self._shape = (a.n_experts, capacity)
+        if groups > 1:
+            self._shape = (groups, a.n_experts // groups, capacity)
         kept = a.rank < capacity
         self._kept = kept if a.valid is None else ops.logical_and(a.valid, kept)
         self._out_pos = a.expert * capacity + ops.minimum(a.rank, capacity - 1)
@@ -344,19 +351,27 @@ class CapacityLayout:
         routed = ops.sum(ops.cast(a.group_sizes, "float32"))
         self.dropped_fraction = 1.0 - served / ops.maximum(routed, 1.0)
 
+    def _constrain(self, x):
+        return x
+
     def gather(self, tokens):
         rows = _gather_rows(tokens, self._rows_token)
-        return ops.reshape(rows, self._shape + (tokens.shape[-1],))
+        return self._constrain(ops.reshape(rows, self._shape + (tokens.shape[-1],)))
 
     def matmul(self, x, kernel, expert_axis=0):
         """Each expert's rows times its kernel, `(e, d, m)` (or `(d, e, m)`
         with `expert_axis=1`)."""
-        # e experts, c capacity slots, d inputs, m outputs.
+        # g groups, e experts, c capacity slots, d inputs, m outputs.
         equation = "ecd,edm->ecm" if expert_axis == 0 else "ecd,dem->ecm"
-        return ops.einsum(equation, x, ops.cast(kernel, x.dtype))
+        if self.groups > 1:
+            equation = "g" + equation.replace("->", "->g")
+        return self._constrain(ops.einsum(equation, x, ops.cast(kernel, x.dtype)))
 
     def add_bias(self, x, bias):
-        return x + ops.expand_dims(ops.cast(bias, x.dtype), 1)
+        bias = ops.expand_dims(ops.cast(bias, x.dtype), 1)
+        if self.groups > 1:
+            bias = ops.expand_dims(bias, 0)
+        return x + bias
 
     def combine(self, expert_outputs):
         return self.assignments.combine(expert_outputs, self._out_pos, self._kept)
@@ -470,7 +485,9 @@ def sparse_mixture(
             kernels and `layout.add_bias(x, bias)` for `(e, m)` biases.
         capacity_factor: `None` (dropless) or a positive float: each expert
             takes `ceil(capacity_factor * n * k / e)` assignments, the rest
-            are dropped (they contribute zero).
+            are dropped (they contribute zero). Under a `keras.distribution`
+            with a batch axis, `n` is the tokens of one batch shard: each
+            shard routes its own tokens (`distribution_groups`).
         mask: optional `(n,)` bool; masked tokens are not dispatched, their
             output is zero and they are not counted in `group_sizes`.
 
@@ -478,20 +495,37 @@ def sparse_mixture(
         `(outputs, group_sizes, dropped_fraction)`: `(n, m)` outputs, `(e,)`
         int32 assignments per expert, float32 dropped share.
     """
-    a = Assignments(experts, weights, n_experts, mask)
+    groups, constrain = distribution_groups(experts.shape[0])
+    group_tokens = experts.shape[0]
+    if groups > 1:
+        # Each batch shard routes its own tokens (GShard's groups): group `g`'s
+        # assignments to expert `e` go to the virtual expert `g * e_count + e`,
+        # so one sort makes a `(groups, experts, capacity)` buffer whose
+        # blocks live where both the group's tokens and the expert's weights
+        # are.
+        group_tokens = group_tokens // groups
+        group = ops.arange(experts.shape[0], dtype="int32") // group_tokens
+        experts = experts + ops.expand_dims(group * n_experts, 1)
+    a = Assignments(experts, weights, groups * n_experts, mask)
+    group_sizes = a.group_sizes
+    if groups > 1:
+        group_sizes = ops.sum(ops.reshape(group_sizes, (groups, n_experts)), axis=0)
 
     def run(layout):
         return layout.combine(expert_fn(layout, layout.gather(tokens)))
 
+    def capacity_layout(capacity):
+        return CapacityLayout(a, capacity, groups, constrain)
+
     if capacity_factor is not None:
-        capacity = expert_capacity(a.n_tokens, a.top_k, n_experts, capacity_factor)
-        layout = CapacityLayout(a, capacity)
-        return run(layout), a.group_sizes, layout.dropped_fraction
+        capacity = expert_capacity(group_tokens, a.top_k, n_experts, capacity_factor)
+        layout = capacity_layout(capacity)
+        return run(layout), group_sizes, layout.dropped_fraction
     dropped = ops.zeros((), "float32")
     grouped_matmul = _backend_function("grouped_matmul")
     usable = _backend_function("grouped_matmul_usable")
     if grouped_matmul is not None and (usable is None or usable()):
-        return run(RowLayout(a, grouped_matmul)), a.group_sizes, dropped
+        return run(RowLayout(a, grouped_matmul)), group_sizes, dropped
 
     factors = DROPLESS_CAPACITY_FACTORS
     if keras.distribution.distribution() is not None:
@@ -506,16 +540,46 @@ def sparse_mixture(
         # TensorFlow's graph mode, goes straight to the blocks).
         if not factors or not isinstance(a.total, int):
             return lambda: run(BlockLayout(a))
-        capacity = expert_capacity(a.n_tokens, a.top_k, n_experts, factors[0])
-        if isinstance(capacity, int) and capacity >= a.n_tokens:
-            return lambda: run(CapacityLayout(a, capacity))
+        capacity = expert_capacity(group_tokens, a.top_k, n_experts, factors[0])
+        if isinstance(capacity, int) and capacity >= group_tokens:
+            return lambda: run(capacity_layout(capacity))
         return lambda: ops.cond(
             a.max_group_size <= capacity,
-            lambda: run(CapacityLayout(a, capacity)),
+            lambda: run(capacity_layout(capacity)),
             exact(factors[1:]),
         )
 
-    return exact(factors)(), a.group_sizes, dropped
+    return exact(factors)(), group_sizes, dropped
+
+
+def distribution_groups(n_tokens):
+    """`(groups, constrain)`: how `sparse_mixture` splits its tokens.
+
+    Without a `keras.distribution` (or with a batch axis of one device, or a
+    token count it does not divide): `(1, None)`, one routing over every
+    token. Under a distribution with a batch axis of `g` devices: `g` groups,
+    the tokens of each batch shard routed among themselves, and `constrain`
+    lays a `(groups, experts, ...)` tensor out over the batch axis and, where
+    the distribution's layout map is `expert_parallel_layout_map`'s, its
+    expert axis, so each device runs its experts on its own group's rows.
+    """
+    distribution = keras.distribution.distribution()
+    batch_axis = getattr(distribution, "batch_dim_name", None)
+    if distribution is None or batch_axis is None or not isinstance(n_tokens, int):
+        return 1, None
+    mesh = distribution.device_mesh
+    groups = mesh.shape[list(mesh.axis_names).index(batch_axis)]
+    if groups <= 1 or n_tokens % groups:
+        return 1, None
+    layout_map = getattr(distribution, "_layout_map", None)
+    expert_axis = getattr(layout_map, "expert_axis", None)
+
+    def constrain(x):
+        axes = (batch_axis, expert_axis) + (None,) * (len(x.shape) - 2)
+        layout = keras.distribution.TensorLayout(axes, mesh)
+        return keras.distribution.distribute_tensor(x, layout)
+
+    return groups, constrain
 
 
 def routing_statistics(group_sizes, dropped_fraction, logits, mask=None):
