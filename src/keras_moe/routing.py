@@ -496,17 +496,19 @@ def sparse_mixture(
         int32 assignments per expert, float32 dropped share.
     """
     groups, constrain = distribution_groups(experts.shape[0])
-    group_tokens = experts.shape[0]
     if groups > 1:
         # Each batch shard routes its own tokens (GShard's groups): group `g`'s
         # assignments to expert `e` go to the virtual expert `g * e_count + e`,
         # so one sort makes a `(groups, experts, capacity)` buffer whose
         # blocks live where both the group's tokens and the expert's weights
         # are.
-        group_tokens = group_tokens // groups
-        group = ops.arange(experts.shape[0], dtype="int32") // group_tokens
+        per_group = experts.shape[0] // groups
+        group = ops.arange(experts.shape[0], dtype="int32") // per_group
         experts = experts + ops.expand_dims(group * n_experts, 1)
     a = Assignments(experts, weights, groups * n_experts, mask)
+    # Tokens per group: a scalar tensor for a dynamic batch (TensorFlow's
+    # graph mode), which never has groups.
+    group_tokens = a.n_tokens // groups
     group_sizes = a.group_sizes
     if groups > 1:
         group_sizes = ops.sum(ops.reshape(group_sizes, (groups, n_experts)), axis=0)
