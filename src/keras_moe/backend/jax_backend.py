@@ -14,3 +14,15 @@ def batch_jacobian(fn, x):
         return fn(sample[None])[0]
 
     return jax.vmap(jax.jacrev(one))(x)
+
+
+def soft_mixture(expert_outputs, gates):
+    """`y[n, u] = sum_e g[n, e] * h[n, e, u]` (`routing.soft_mixture`).
+
+    JAX: an einsum, which XLA:CPU runs faster forward+backward than the
+    multiply-and-sum of the generic path (0.81x against 0.90x the original
+    formulation, `DenseMoE` 1024 x 512 -> 512, 8 experts; benchmarks/README.md).
+    """
+    import jax.numpy as jnp
+
+    return jnp.einsum("neu,ne->nu", expert_outputs, gates)
