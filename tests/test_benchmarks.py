@@ -14,6 +14,7 @@ from benchmarks import cases
 from benchmarks import formulations
 from benchmarks import harness
 from benchmarks import report
+from benchmarks import soft_mixing
 from benchmarks import suite
 
 import keras_moe
@@ -275,3 +276,23 @@ def test_command_runs_a_backend_in_its_own_process_with_the_repeats_asked(tmp_pa
     for entry in variants.values():
         assert len(entry["forward_backward"]["samples_s"]) == 3
     assert (tmp_path / "benchmarks.md").read_text().startswith("# keras-moe benchmarks")
+
+
+def test_soft_mixing_variants_compute_the_layer_and_are_all_timed(capsys):
+    x = np.random.default_rng(3).standard_normal((5, 6)).astype("float32")
+    layer = keras_moe.DenseMoE(4, 3, **soft_mixing.MOE)
+    expected = to_numpy(layer(x))
+    for mixing in soft_mixing.MIXINGS:
+        variant = soft_mixing.MixingDenseMoE(4, 3, mixing=mixing, **soft_mixing.MOE)
+        variant(x)
+        variant.set_weights(layer.get_weights())
+        np.testing.assert_allclose(to_numpy(variant(x)), expected, rtol=1e-5, atol=1e-6)
+
+    result = soft_mixing.main(
+        ["--repeats", "1", "--min-sample-s", "0", "--size", "8,6,4,3"]
+    )
+    assert set(result["variants"]) == {"layer", "original", *soft_mixing.MIXINGS}
+    for entry in result["variants"].values():
+        for mode in ("forward", "forward_backward"):
+            assert entry[mode]["ratio"] > 0
+    assert "forward_backward" in capsys.readouterr().out
