@@ -129,6 +129,11 @@ def dense_top_k(size):
                 note=f"keras_moe.DenseMoE(top_k={k})",
             ),
             Variant(
+                "keras_moe_topk_dmajor",
+                lambda: (formulations.DimMajorTopKDenseMoE(u, e, top_k=k, **MOE), x),
+                note="the same with the soft mixture's (d, e, u) kernel",
+            ),
+            Variant(
                 "keras_moe_soft",
                 lambda: (keras_moe.DenseMoE(u, e, **MOE), x),
                 note=f"keras_moe.DenseMoE over all {e} experts",

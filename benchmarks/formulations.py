@@ -6,6 +6,8 @@
   k)`), the gates repeated over the units (conv: over the positions),
   multiplied and summed. Same weights and same function as `keras_moe`'s
   layers; only the formulation differs.
+- `DimMajorTopKDenseMoE`: `DenseMoE(top_k=...)` with the soft mixture's
+  `(d, e, u)` kernel (the sparse layout before it became expert-major).
 - `GatedFeedForward`: a dense gated feed-forward `down(silu(x Wg) * (x Wu))`,
   the roofline of a top-k `MoEFeedForward` when given `k * m` units.
 - `cifar10_cnn`, `cifar10_moe`: the original CIFAR-10 networks.
@@ -13,6 +15,8 @@
 
 import keras
 from keras import ops
+
+from keras_moe import DenseMoE
 
 
 class OriginalDenseMoE(keras.layers.Layer):
@@ -107,6 +111,16 @@ class OriginalConvMoE(keras.layers.Layer):
         for axis, size in enumerate(spatial):
             gates = ops.repeat(ops.expand_dims(gates, 1 + axis), size, axis=1 + axis)
         return ops.sum(experts * gates, axis=-1)
+
+
+class DimMajorTopKDenseMoE(DenseMoE):
+    """`DenseMoE` whose sparse path keeps the `(d, e, u)` kernel, so that its
+    per-expert products take the kernel through a transpose (XLA) or a copy
+    (`torch._grouped_mm`)."""
+
+    @property
+    def _expert_axis(self):
+        return 1
 
 
 class GatedFeedForward(keras.layers.Layer):

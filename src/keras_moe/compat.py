@@ -27,9 +27,13 @@ def _original_names(layer):
 
 
 def _dense_from_original(layer, weights):
-    # Original: expert_kernel (d, units, e), expert_bias (units, e).
+    # Original: expert_kernel (d, units, e), expert_bias (units, e); the
+    # layer's kernel has its experts axis where `expert_weight_axes` says
+    # ((d, e, u) soft, (e, d, u) with `top_k`).
+    kernel = np.transpose(weights["expert_kernel"], (0, 2, 1))
+    axis = layer.expert_weight_axes()["expert_kernel"]
     converted = {
-        "expert_kernel": np.transpose(weights["expert_kernel"], (0, 2, 1)),
+        "expert_kernel": np.moveaxis(kernel, 1, axis),
         "gating_kernel": weights["gating_kernel"],
     }
     if "expert_bias" in weights:

@@ -21,7 +21,7 @@ def np_softmax(x, axis=-1):
 def reference(layer, x):
     """Each token mixes its top-k experts' relu(W x + c) (float64)."""
     tokens = x.reshape(-1, D).astype("float64")
-    kernel = to_numpy(layer.expert_kernel).astype("float64")  # (d, e, u)
+    kernel = to_numpy(layer.expert_kernel).astype("float64")  # (e, d, u)
     bias = to_numpy(layer.expert_bias).astype("float64")
     logits = tokens @ to_numpy(layer.gating_kernel) + to_numpy(layer.gating_bias)
     experts = np.argsort(-logits, axis=-1, kind="stable")[:, : layer.top_k]
@@ -30,7 +30,7 @@ def reference(layer, x):
         gates = np_softmax(chosen)
     else:
         gates = np.take_along_axis(np_softmax(logits), experts, -1)
-    h = np.maximum(np.einsum("nd,deu->neu", tokens, kernel) + bias, 0.0)
+    h = np.maximum(np.einsum("nd,edu->neu", tokens, kernel) + bias, 0.0)
     out = np.einsum("nku,nk->nu", np.take_along_axis(h, experts[..., None], 1), gates)
     return out.reshape(x.shape[:-1] + (U,))
 
@@ -112,10 +112,43 @@ def test_top_k_all_experts_equals_the_soft_mixture(capacity_factor):
         capacity_factor=capacity_factor,
     )
     sparse.build(x.shape)
-    for name in ("expert_kernel", "expert_bias", "gating_kernel", "gating_bias"):
+    # The sparse kernel is expert-major: (e, d, u) against the soft (d, e, u).
+    sparse.expert_kernel.assign(np.transpose(to_numpy(soft.expert_kernel), (1, 0, 2)))
+    for name in ("expert_bias", "gating_kernel", "gating_bias"):
         getattr(sparse, name).assign(getattr(soft, name))
     np.testing.assert_allclose(
         to_numpy(sparse(x)), to_numpy(soft(x)), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_sparse_kernel_is_expert_major_and_takes_the_original_weights():
+    from keras_moe.compat import load_seed_weights
+
+    rng = np.random.default_rng(4)
+    # The original's order: (d, units, e), (d, e), (units, e), (e,).
+    original = [
+        rng.normal(size=(D, U, E)),
+        rng.normal(size=(D, E)),
+        rng.normal(size=(U, E)),
+        rng.normal(size=(E,)),
+    ]
+    original = [a.astype("float32") for a in original]
+    kwargs = {"expert_activation": "tanh", "gating_activation": "softmax"}
+    soft, sparse = DenseMoE(U, E, **kwargs), DenseMoE(U, E, top_k=E, **kwargs)
+    load_seed_weights(soft, original)
+    load_seed_weights(sparse, original)
+    assert tuple(soft.expert_kernel.shape) == (D, E, U)
+    assert tuple(sparse.expert_kernel.shape) == (E, D, U)
+    assert sparse.expert_weight_axes() == {"expert_kernel": 0, "expert_bias": 0}
+    x = rng.normal(size=(9, D)).astype("float32")
+    np.testing.assert_allclose(
+        to_numpy(sparse(x)), to_numpy(soft(x)), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        to_numpy(sparse.expert_outputs(x)),
+        to_numpy(soft.expert_outputs(x)),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
