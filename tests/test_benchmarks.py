@@ -13,6 +13,7 @@ import pytest
 from benchmarks import cases
 from benchmarks import formulations
 from benchmarks import harness
+from benchmarks import native_grouped_matmul as native
 from benchmarks import report
 from benchmarks import soft_mixing
 from benchmarks import suite
@@ -295,4 +296,75 @@ def test_soft_mixing_variants_compute_the_layer_and_are_all_timed(capsys):
     for entry in result["variants"].values():
         for mode in ("forward", "forward_backward"):
             assert entry[mode]["ratio"] > 0
+    assert "forward_backward" in capsys.readouterr().out
+
+
+def _grouped_reference(x, kernel, ends):
+    y = np.zeros((x.shape[0], kernel.shape[2]), np.float32)
+    start = 0
+    for expert, end in enumerate(ends):
+        y[start:end] = x[start:end] @ kernel[expert]
+        start = end
+    return y
+
+
+def test_native_grouped_matmul_matches_numpy_and_the_layer(capsys):
+    tiny = ["--repeats", "1", "--min-sample-s", "0", "--size", "8,4,3,4,2"]
+    if BACKEND != "jax":
+        # An XLA:CPU custom call: elsewhere a clear error, not a skip.
+        with pytest.raises(RuntimeError, match=f"KERAS_BACKEND='{BACKEND}'"):
+            native.main(tiny)
+        return
+    import jax
+
+    rng = np.random.default_rng(5)
+    # Uneven groups, two empty, and two trailing rows outside every group.
+    sizes = np.array([3, 0, 5, 1, 0, 7])
+    rows = int(sizes.sum()) + 2
+    ends = np.cumsum(sizes).astype("int32")
+    x = rng.standard_normal((rows, 6)).astype("float32")
+    kernel = rng.standard_normal((6, 6, 4)).astype("float32")
+    dy = rng.standard_normal((rows, 4)).astype("float32")
+    got = jax.jit(native.native_grouped_matmul)(x, kernel, ends)
+    np.testing.assert_allclose(
+        np.asarray(got), _grouped_reference(x, kernel, ends), rtol=1e-5, atol=1e-5
+    )
+
+    def objective(function):
+        return lambda x, kernel: (function(x, kernel, ends) * dy).sum()
+
+    def reference(x, kernel, ends):
+        expert = np.searchsorted(ends, np.arange(rows), side="right")
+        chosen = kernel[np.minimum(expert, len(ends) - 1)]
+        y = jax.numpy.einsum("rd,rdm->rm", x, chosen)
+        return jax.numpy.where((expert < len(ends))[:, None], y, 0.0)
+
+    grads = jax.jit(jax.grad(objective(native.native_grouped_matmul), (0, 1)))
+    expected = jax.grad(objective(reference), (0, 1))(x, kernel)
+    for g, e in zip(grads(x, kernel), expected):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="x.dtype=float16"):
+        native.native_grouped_matmul(x.astype("float16"), kernel, ends)
+
+    tokens = rng.standard_normal((16, 6)).astype("float32")
+    shipped = keras_moe.DenseMoE(5, 4, top_k=2, **native.MOE)
+    layer = native.NativeDenseMoE(5, 4, top_k=2, **native.MOE)
+    shipped(tokens), layer(tokens)
+    layer.set_weights(shipped.get_weights())
+    np.testing.assert_allclose(
+        to_numpy(layer(tokens)), to_numpy(shipped(tokens)), rtol=1e-5, atol=1e-6
+    )
+
+    result = native.main(tiny)
+    assert set(result) == {"kernel", "layer"}
+    assert set(result["layer"]["variants"]) == {
+        "dense",
+        "shipped",
+        "native",
+        "ideal_kernel",
+        "routing_only",
+    }
+    for comparison in result.values():
+        for entry in comparison["variants"].values():
+            assert entry["forward_backward"]["ratio"] > 0
     assert "forward_backward" in capsys.readouterr().out
