@@ -55,6 +55,10 @@ TARGET = "keras_moe_bench_grouped_matmul"
 MIN_OPENBLAS = (0, 3, 34)
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 FLOAT_BYTES = 4
+if hasattr(os, "sched_getaffinity"):
+    THREADS = max(1, len(os.sched_getaffinity(0)))
+else:
+    THREADS = max(1, os.cpu_count() or 1)
 
 
 def _require_jax():
@@ -92,7 +96,7 @@ def _sgemm_batch():
     library = ctypes.CDLL(paths[0])
     # One OpenBLAS thread per call, the products split over our own threads
     # (`_batch`): OpenBLAS's idle workers spin after each call and slowed the
-    # XLA ops around the custom call (forward: 3.6 -> 6.6 ms before it).
+    # XLA ops around the custom call (benchmarks/README.md, "Sparse top-k").
     library.scipy_openblas_set_num_threads64_(1)
     function = library.scipy_cblas_sgemm_batch64_
     function.restype = None
@@ -128,22 +132,13 @@ def _batch(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc):
     ]
     work = np.cumsum(arrays[2] * arrays[3] * arrays[4], dtype=np.float64)
     cuts = np.searchsorted(work, work[-1] * np.arange(1, THREADS) / THREADS)
-    bounds = [0, *np.unique(np.clip(cuts + 1, 1, count - 1)).tolist(), count]
-    if count == 1:
-        bounds = [0, 1]
+    inner = np.unique(np.clip(cuts + 1, 1, max(1, count - 1))).tolist()
+    bounds = [0, *(b for b in inner if 0 < b < count), count]
     parts = list(zip(bounds[:-1], bounds[1:]))
     pending = [_pool().submit(_batch_part, arrays, lo, hi) for lo, hi in parts[1:]]
     _batch_part(arrays, *parts[0])
     for job in pending:
         job.result()
-
-
-THREADS = max(
-    1,
-    len(os.sched_getaffinity(0))
-    if hasattr(os, "sched_getaffinity")
-    else os.cpu_count() or 1,
-)
 
 
 @functools.cache
