@@ -157,10 +157,15 @@ def _batch_part(arrays, lo, hi):
     _sgemm_batch()(ROW_MAJOR, *addresses, hi - lo, group_sizes.ctypes.data)
 
 
+def _parse(opaque, opaque_len):
+    """`(mode, rows, d, m, e)` from the custom call's opaque string."""
+    mode, *dims = ctypes.string_at(opaque, opaque_len).decode().split(",")
+    return (mode, *(int(v) for v in dims))
+
+
 def _execute(out, ins, opaque, opaque_len):
     """The custom call: `forward` y = x W_e per group; `backward` dx and dW."""
-    mode, *dims = ctypes.string_at(opaque, opaque_len).decode().split(",")
-    rows, d, m, e = (int(v) for v in dims)
+    mode, rows, d, m, e = _parse(opaque, opaque_len)
     ends_pointer = ctypes.cast(ins[2], ctypes.POINTER(ctypes.c_int32))
     ends = np.ctypeslib.as_array(ends_pointer, (e,)).astype(np.int64)
     starts = np.concatenate([[0], ends[:-1]])
@@ -201,8 +206,7 @@ def _guarded(out, ins, opaque, opaque_len, status):
 
 
 def _poison(out, opaque, opaque_len):
-    mode, *dims = ctypes.string_at(opaque, opaque_len).decode().split(",")
-    rows, d, m, e = (int(v) for v in dims)
+    mode, rows, d, m, e = _parse(opaque, opaque_len)
     if mode == "forward":
         buffers = [(out, rows * m)]
     else:
