@@ -69,7 +69,7 @@ def build_parser():
             help="a smoke run of well under a minute on 2 CPU cores (tiny settings)",
         )
         module.add_arguments(subparser)
-        subparser.set_defaults(run=module.run)
+        subparser.set_defaults(run=module.run, parser=subparser)
     return parser
 
 
@@ -83,5 +83,10 @@ def main(argv=None):
         quick = getattr(args, "quick", False)
         base = QUICK_OUT if quick else "results"
         args.out = os.path.join(base, args.subcommand)
-    args.run(args)
+    from keras_moe.experiments.common import ExperimentError
+
+    try:
+        args.run(args)
+    except ExperimentError as error:
+        args.parser.error(str(error))  # one line and exit status 2, as argparse's
     return 0

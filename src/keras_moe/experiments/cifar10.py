@@ -22,7 +22,10 @@ Long runs can be split: train disjoint `--models` in separate processes with
 one protocol, then `--merge DIR ...` combines their results.json files.
 """
 
-import inspect
+import dataclasses
+import json
+import pathlib
+import shutil
 import time
 
 import keras
@@ -32,6 +35,7 @@ from keras_moe import Conv2DMoE
 from keras_moe import DenseMoE
 from keras_moe.experiments import common
 from keras_moe.experiments import data as data_lib
+from keras_moe.experiments import runs
 
 DESCRIPTION = __doc__
 MODELS = ("cnn", "moe", "moe-pooled", "cnn-wide-dense", "cnn-wide")
@@ -41,6 +45,12 @@ LABELS = {
     "moe-pooled": "MoE, pooled conv gating, DenseMoE(256) head",
     "cnn-wide-dense": "CNN, Dense widened to the MoE's parameters",
     "cnn-wide": "CNN, all layers widened to the MoE's parameters",
+}
+# The original repository's reported result (README of mixture-of-experts).
+ORIGINAL = {
+    "train_images": 50_000,
+    "epochs": 16,
+    "test_accuracy": {"MoE": 0.73, "CNN": 0.72},
 }
 
 
@@ -57,25 +67,34 @@ def add_arguments(parser):
         nargs="+",
         choices=MODELS,
         default=list(MODELS),
-        help="models to train (moe-pooled only where Conv2DMoE has gating_input)",
+        help="models to train",
     )
-    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--epochs", type=common.positive_int, default=16)
     parser.add_argument(
-        "--repeats", type=int, default=1, help="runs per model (the original used 4)"
+        "--repeats",
+        type=common.positive_int,
+        default=1,
+        help="runs per model (the original used 4)",
     )
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=common.positive_int, default=32)
+    parser.add_argument("--learning-rate", type=common.positive_float, default=1e-4)
     parser.add_argument(
         "--decay",
-        type=float,
+        type=common.nonnegative_float,
         default=1e-6,
         help="Keras 2 style inverse-time decay per step: lr / (1 + decay * step)",
     )
     parser.add_argument(
-        "--train-size", type=int, default=None, help="random training subset size"
+        "--train-size",
+        type=common.positive_int,
+        default=None,
+        help="random training subset size (default: all training images)",
     )
     parser.add_argument(
-        "--test-size", type=int, default=None, help="random test subset size"
+        "--test-size",
+        type=common.positive_int,
+        default=None,
+        help="random test subset size (default: all test images)",
     )
     parser.add_argument(
         "--no-augmentation",
@@ -83,32 +102,34 @@ def add_arguments(parser):
         action="store_false",
         help="train without random shifts and flips",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of run r is seed+r")
+    parser.add_argument(
+        "--seed", type=common.nonnegative_int, default=0, help="seed of run r is seed+r"
+    )
     parser.add_argument(
         "--verbose", type=int, default=1, choices=(0, 1, 2), help="Keras fit verbosity"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the runs in --out: finished runs are kept, unfinished ones "
+        "continue from their last finished epoch, runs another live process "
+        "holds are left to it (so several processes can share one --out)",
     )
     parser.add_argument(
         "--merge",
         nargs="+",
         metavar="DIR",
         default=None,
-        help="train nothing: combine the results.json of these folders (runs of "
-        "the same protocol with disjoint --models) into --out",
+        help="train nothing: combine the finished runs of these output folders "
+        "(one protocol, disjoint runs) into --out",
     )
 
 
-def pooled_gating_available():
-    return "gating_input" in inspect.signature(Conv2DMoE.__init__).parameters or (
-        "gating_input" in inspect.signature(Conv2DMoE.__mro__[1].__init__).parameters
-    )
-
-
-def _conv(kind, filters, padding, width=1.0, gating_input=None):
+def _conv(kind, filters, padding, width=1.0, gating_input="flatten"):
     if kind in ("cnn", "cnn-dense"):
         return keras.layers.Conv2D(
             max(1, round(filters * width)), 3, padding=padding, activation="relu"
         )
-    extra = {} if gating_input is None else {"gating_input": gating_input}
     return Conv2DMoE(
         filters,
         2,
@@ -116,7 +137,7 @@ def _conv(kind, filters, padding, width=1.0, gating_input=None):
         padding=padding,
         expert_activation="relu",
         gating_activation="softmax",
-        **extra,
+        gating_input=gating_input,
     )
 
 
@@ -135,7 +156,7 @@ def build_model(
         width = wide_cnn_factor(input_shape, n_classes, name)
     width = width or 1.0
     conv_width = 1.0 if name == "cnn-wide-dense" else width
-    gating_input = "pooled" if name == "moe-pooled" else None
+    gating_input = "pooled" if name == "moe-pooled" else "flatten"
     layers = [keras.Input(input_shape)]
     if augmentation:
         layers += [
@@ -209,38 +230,93 @@ def apply_quick(args):
         args.test_size = min(args.test_size or 32, 32)
 
 
+def protocol_of(args):
+    """What makes runs comparable: two folders with the same protocol merge."""
+    return {
+        "experiment": "cifar10",
+        "backend": keras.backend.backend(),
+        "data": None if args.data is None else str(args.data),
+        **{key: getattr(args, key) for key in PROTOCOL_SETTINGS},
+    }
+
+
+PROTOCOL_SETTINGS = ("epochs", "batch_size", "learning_rate", "decay")
+PROTOCOL_SETTINGS += ("train_size", "test_size", "augmentation", "seed")
+
+
 def run(args):
     if args.merge:
         return merge(args)
     apply_quick(args)
     models = list(dict.fromkeys(args.models))
-    if "moe-pooled" in models and not pooled_gating_available():
-        print("moe-pooled skipped: this Conv2DMoE has no `gating_input`")
-        models.remove("moe-pooled")
-    out = common.output_dir(args.out)
+    out = pathlib.Path(args.out)
+    protocol = protocol_of(args)
+    if args.quick and not args.resume:
+        shutil.rmtree(out / "runs", ignore_errors=True)  # smoke runs start afresh
+    runs.check_protocol(out, protocol, args.resume)
     images = data_lib.load_cifar10(
         args.data, args.train_size, args.test_size, seed=args.seed
     )
     print(images.describe())
-    x_train = images.x_train.astype("float32") / 255.0
-    x_test = images.x_test.astype("float32") / 255.0
-    y_train, y_test = images.y_train, images.y_test
-    n_classes = len(images.class_names)
-    results = common.new_results(
+    runs.write_protocol(out, protocol)
+    data = Data(
+        x_train=images.x_train.astype("float32") / 255.0,
+        y_train=images.y_train,
+        x_test=images.x_test.astype("float32") / 255.0,
+        y_test=images.y_test,
+        n_classes=len(images.class_names),
+    )
+    head = results_head(args, images, data)
+    common.write_json(out, head, "data.json")
+    paths = []
+    # Repeat-major, so that a long run that stops early has every model.
+    for repeat in range(args.repeats):
+        for name in models:
+            folder = runs.run_dir(out, name, repeat)
+            if runs.is_finished(folder):
+                continue
+            if not runs.claim(folder):
+                print(f"== {name} run {repeat + 1}: another process trains it")
+                continue
+            try:
+                if runs.is_finished(folder):  # finished while we looked
+                    continue
+                train_run(args, name, repeat, data, folder)
+            finally:
+                runs.release(folder)
+            paths = write_outputs(assemble(out, head), out)
+    paths = write_outputs(assemble(out, head), out)
+    common.report_written(paths)
+    results = json.loads((out / "results.json").read_text())
+    print_table(results, out)
+    return results
+
+
+@dataclasses.dataclass
+class Data:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    n_classes: int
+
+
+def results_head(args, images, data):
+    return common.new_results(
         "cifar10",
         args,
         data={
             "source": images.source,
-            "train_images": len(x_train),
-            "test_images": len(x_test),
-            "image_shape": list(x_train.shape[1:]),
+            "train_images": len(data.x_train),
+            "test_images": len(data.x_test),
+            "image_shape": list(data.x_train.shape[1:]),
             "classes": list(images.class_names),
         },
         protocol=(
-            f"{len(x_train)} training images, {len(x_test)} test images (the "
-            f"validation data after every epoch), {args.epochs} epochs, "
-            f"{args.repeats} run(s) per model, batch {args.batch_size}, RMSprop "
-            f"lr {args.learning_rate:g} / (1 + {args.decay:g} step), "
+            f"{len(data.x_train)} training images, {len(data.x_test)} test images "
+            f"(the validation data after every epoch), {args.epochs} epochs, batch "
+            f"{args.batch_size}, RMSprop lr {args.learning_rate:g} / (1 + "
+            f"{args.decay:g} step), "
             + (
                 "shifts 10% + horizontal flips"
                 if args.augmentation
@@ -248,101 +324,194 @@ def run(args):
             )
         ),
     )
-    for name in models:
-        width = None
-        if name.startswith("cnn-wide"):
-            width = wide_cnn_factor(x_train.shape[1:], n_classes, name)
-        histories, step_seconds, wall = [], [], []
-        for repeat in range(args.repeats):
-            seed = args.seed + repeat
-            keras.utils.set_random_seed(seed)
-            model = build_model(
-                name, x_train.shape[1:], n_classes, args.augmentation, width=width
-            )
-            compile_model(model, args)
-            print(
-                f"== {name} ({LABELS[name]}), run {repeat + 1}/{args.repeats}, "
-                f"{common.count_params(model):,} parameters"
-            )
-            timer = common.StepTimer()
-            start = time.perf_counter()
-            history = model.fit(
-                x_train,
-                y_train,
-                batch_size=args.batch_size,
-                epochs=args.epochs,
-                validation_data=(x_test, y_test),
-                validation_batch_size=max(args.batch_size, 256),
-                shuffle=True,
-                callbacks=[timer],
-                verbose=args.verbose,
-            )
-            wall.append(time.perf_counter() - start)
-            histories.append(
-                {k: list(map(float, v)) for k, v in history.history.items()}
-            )
-            step_seconds.append(timer.median_step_seconds())
-        results["models"][name] = summarize_model(
-            name, model, histories, step_seconds, wall, width
+
+
+def train_run(args, name, repeat, data, folder):
+    """Trains one run, resuming it from its last finished epoch; writes run.json."""
+    seed = args.seed + repeat
+    width = None
+    if name.startswith("cnn-wide"):
+        width = wide_cnn_factor(data.x_train.shape[1:], data.n_classes, name)
+    keras.utils.set_random_seed(seed)
+    model = build_model(
+        name, data.x_train.shape[1:], data.n_classes, args.augmentation, width=width
+    )
+    compile_model(model, args)
+    state = runs.load_state(folder, model) or {
+        "epochs_done": 0,
+        "history": {},
+        "step_seconds": [],
+        "fit_seconds": 0.0,
+    }
+    done = state["epochs_done"]
+    print(
+        f"== {name} ({LABELS[name]}), run {repeat + 1}/{args.repeats}, "
+        f"{common.count_params(model):,} parameters"
+        + (f", resumed after epoch {done}" if done else "")
+    )
+    for epoch in range(done, args.epochs):
+        order = runs.epoch_order(len(data.x_train), seed, epoch)
+        timer = common.StepTimer()
+        start = time.perf_counter()
+        history = model.fit(
+            data.x_train[order],
+            data.y_train[order],
+            batch_size=args.batch_size,
+            initial_epoch=epoch,
+            epochs=epoch + 1,
+            validation_data=(data.x_test, data.y_test),
+            validation_batch_size=max(args.batch_size, 256),
+            shuffle=False,
+            callbacks=[runs.EpochSeeds(seed), timer],
+            verbose=args.verbose,
         )
-        # Written after every model, so a long run that is stopped keeps its results.
-        paths = write_outputs(results, out)
-    common.report_written(paths)
+        state["fit_seconds"] += time.perf_counter() - start
+        for key, values in history.history.items():
+            state["history"].setdefault(key, []).extend(map(float, values))
+        state["step_seconds"].append(timer.median_step_seconds())
+        state["epochs_done"] = epoch + 1
+        runs.save_state(folder, model, state)
+    gating = sum(
+        int(np.prod(w.shape)) for w in model.trainable_weights if "gating" in w.path
+    )
+    runs.finish(
+        folder,
+        {
+            "model": name,
+            "repeat": repeat,
+            "seed": seed,
+            "label": LABELS[name],
+            "params": common.count_params(model),
+            "gating_params": gating,
+            "width_factor": width,
+            "history": state["history"],
+            "step_seconds_median": float(np.median(state["step_seconds"])),
+            "fit_seconds": state["fit_seconds"],
+            "backend": keras.backend.backend(),
+            "date": common.now(),
+        },
+    )
+
+
+def assemble(out, head):
+    """results.json's content from every finished run under `out`."""
+    records = runs.finished_records(out)
+    results = {**head, "models": {}}
+    order = {name: i for i, name in enumerate(MODELS)}
+    for name in sorted(records, key=lambda n: order.get(n, 99)):
+        by_repeat = records[name]
+        results["models"][name] = summarize_model(
+            [by_repeat[r] for r in sorted(by_repeat)]
+        )
+    results["comparisons"] = compare(results["models"])
     return results
 
 
-PART_KEYS = ("experiment", "backend", "data", "protocol")
-PART_SETTINGS = ("epochs", "repeats", "batch_size", "learning_rate", "decay")
-PART_SETTINGS += ("train_size", "test_size", "augmentation", "seed", "data")
+def summarize_model(records):
+    epochs = min(len(r["history"]["val_accuracy"]) for r in records)
+    val = np.array([r["history"]["val_accuracy"][:epochs] for r in records])
+    mean, se = common.mean_se(val)
+    final = val[:, -1]
+    first = records[0]
+    return {
+        "label": first["label"],
+        "params": first["params"],
+        "gating_params": first["gating_params"],
+        "width_factor": first["width_factor"],
+        "runs": len(records),
+        "repeats": [r["repeat"] for r in records],
+        "test_accuracy": float(final.mean()),
+        "test_accuracy_se": float(common.mean_se(final)[1]),
+        "test_accuracy_runs": final,
+        "best_epoch_test_accuracy": float(mean.max()),
+        "val_accuracy_mean": mean,
+        "val_accuracy_se": se,
+        "step_seconds_median": float(
+            np.median([r["step_seconds_median"] for r in records])
+        ),
+        "fit_seconds": [r["fit_seconds"] for r in records],
+        "history": [r["history"] for r in records],
+    }
+
+
+def compare(models):
+    """Last-epoch differences with 95% CIs and Welch's t-test (SciPy).
+
+    Every model against the CNN, and the MoE against every other model.
+    """
+    pairs = [(name, "cnn") for name in models if name != "cnn"]
+    pairs += [("moe", name) for name in models if name not in ("cnn", "moe")]
+    return [
+        common.welch(
+            models[a]["test_accuracy_runs"], models[b]["test_accuracy_runs"], a, b
+        )
+        for a, b in pairs
+        if a in models and b in models
+    ]
 
 
 def merge(args):
-    """Combines runs of one protocol with disjoint models into `args.out`."""
-    import json
-    import pathlib
-
-    parts = []
+    """Combines the finished runs of several folders of one protocol into `--out`."""
+    heads, records = [], {}
     for folder in args.merge:
-        path = pathlib.Path(folder) / "results.json"
-        if not path.exists():
-            raise ValueError(
-                f"`--merge` needs results.json files. Received: {folder!r}"
+        folder = pathlib.Path(folder)
+        if not (folder / "data.json").exists():
+            raise common.ExperimentError(
+                "`--merge` needs output folders of `keras-moe cifar10` (with "
+                f"data.json and runs/). Received: {str(folder)!r}"
             )
-        parts.append(json.loads(path.read_text()))
-    first = parts[0]
-    merged = {**first, "models": {}, "parts": []}
-    for folder, part in zip(args.merge, parts):
-        for key in PART_KEYS:
-            if part.get(key) != first.get(key):
-                raise ValueError(
-                    "`--merge` combines runs of one protocol only. Received: "
-                    f"{key}={part.get(key)!r} in {folder!r}, {first.get(key)!r} before"
-                )
-        for key in PART_SETTINGS:
-            if part["settings"].get(key) != first["settings"].get(key):
-                raise ValueError(
-                    "`--merge` combines runs of one protocol only. Received: "
-                    f"{key}={part['settings'].get(key)!r} in {folder!r}, "
-                    f"{first['settings'].get(key)!r} before"
-                )
-        for name, model in part["models"].items():
-            if name in merged["models"]:
-                raise ValueError(
-                    f"`--merge` needs disjoint models. Received: {name!r} twice"
-                )
-            merged["models"][name] = model
-        merged["parts"].append(
-            {"folder": str(folder), "command": part["command"], "date": part["date"]}
-        )
-    order = {name: i for i, name in enumerate(MODELS)}
-    merged["models"] = dict(
-        sorted(merged["models"].items(), key=lambda item: order.get(item[0], 99))
-    )
-    merged["settings"]["models"] = list(merged["models"])
-    merged["command"] = args.command_line
-    paths = write_outputs(merged, common.output_dir(args.out))
+        head = json.loads((folder / "data.json").read_text())
+        if heads:
+            for key in ("experiment", "backend", "data"):
+                if head.get(key) != heads[0].get(key):
+                    raise common.ExperimentError(
+                        "`--merge` combines runs of one protocol only. Received: "
+                        f"{key}={head.get(key)!r} in {str(folder)!r}, "
+                        f"{heads[0].get(key)!r} before"
+                    )
+            for key in PROTOCOL_SETTINGS:
+                if head["settings"].get(key) != heads[0]["settings"].get(key):
+                    raise common.ExperimentError(
+                        "`--merge` combines runs of one protocol only. Received: "
+                        f"{key}={head['settings'].get(key)!r} in {str(folder)!r}, "
+                        f"{heads[0]['settings'].get(key)!r} before"
+                    )
+        heads.append(head)
+        for name, by_repeat in runs.finished_records(folder).items():
+            for repeat, record in by_repeat.items():
+                if (name, repeat) in records:
+                    raise common.ExperimentError(
+                        "`--merge` needs disjoint runs. Received: run "
+                        f"{repeat} of {name!r} in {str(folder)!r} and "
+                        f"{records[name, repeat][0]!r}"
+                    )
+                records[name, repeat] = (str(folder), record)
+    out = pathlib.Path(args.out)
+    for (name, repeat), (_, record) in records.items():
+        folder = runs.run_dir(out, name, repeat)
+        if runs.is_finished(folder) and runs.read_record(folder) != record:
+            raise common.ExperimentError(
+                f"`--out` already holds another run {repeat} of {name!r}. "
+                f"Received: --out {str(out)!r}"
+            )
+    head = {
+        **heads[0],
+        "command": args.command_line,
+        "parts": [
+            {"folder": str(f), "command": h["command"], "date": h["date"]}
+            for f, h in zip(args.merge, heads)
+        ],
+    }
+    for (name, repeat), (_, record) in records.items():
+        folder = runs.run_dir(out, name, repeat)
+        folder.mkdir(parents=True, exist_ok=True)
+        runs.finish(folder, record, keep_weights=False)
+    common.write_json(out, head, "data.json")
+    paths = write_outputs(assemble(out, head), out)
     common.report_written(paths)
-    return merged
+    results = json.loads((out / "results.json").read_text())
+    print_table(results, out)
+    return results
 
 
 def write_outputs(results, out):
@@ -353,28 +522,10 @@ def write_outputs(results, out):
     ]
 
 
-def summarize_model(name, model, histories, step_seconds, wall, width):
-    val = np.array([h["val_accuracy"] for h in histories])  # (repeats, epochs)
-    mean, se = common.mean_se(val)
-    final = val[:, -1]
-    gating = sum(
-        int(np.prod(w.shape)) for w in model.trainable_weights if "gating" in w.path
-    )
-    return {
-        "label": LABELS[name],
-        "params": common.count_params(model),
-        "gating_params": gating,
-        "width_factor": width,
-        "test_accuracy": float(final.mean()),
-        "test_accuracy_se": float(common.mean_se(final)[1]),
-        "test_accuracy_runs": final,
-        "best_epoch_test_accuracy": float(mean.max()),
-        "val_accuracy_mean": mean,
-        "val_accuracy_se": se,
-        "step_seconds_median": float(np.median(step_seconds)),
-        "fit_seconds": wall,
-        "history": histories,
-    }
+def print_table(results, out):
+    print()
+    print(results_table(results))
+    print(f"\nplot: {out / 'cifar10_val_accuracy.png'}; summary: {out / 'summary.md'}")
 
 
 def plot(results, path):
@@ -384,30 +535,41 @@ def plot(results, path):
         mean = np.asarray(model["val_accuracy_mean"])
         se = np.asarray(model["val_accuracy_se"])
         epochs = np.arange(1, len(mean) + 1)
-        (line,) = ax.plot(epochs, mean, marker="o", ms=3, label=model["label"])
+        (line,) = ax.plot(
+            epochs, mean, marker="o", ms=3, label=f"{model['label']} ({model['runs']})"
+        )
         ax.fill_between(
             epochs, mean - se, mean + se, color=line.get_color(), alpha=0.25
         )
-    repeats = results["settings"]["repeats"]
+    if results["data"]["train_images"] == ORIGINAL["train_images"]:
+        for name, accuracy in ORIGINAL["test_accuracy"].items():
+            ax.axhline(accuracy, color="gray", ls=":", lw=1)
+            ax.annotate(
+                f"original {name}, {ORIGINAL['epochs']} epochs: {accuracy:.0%}",
+                (1, accuracy),
+                fontsize=7,
+                color="gray",
+                va="bottom" if name == "MoE" else "top",
+            )
     ax.set_xlabel("epoch")
     ax.set_ylabel("test (validation) accuracy")
     ax.set_title(
         f"CIFAR-10, {results['data']['train_images']} training images, "
-        f"mean ± s.e. of {repeats} run(s)"
+        "mean ± s.e. of (n) runs"
     )
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    common.replace_atomically(path, lambda p: fig.savefig(p, dpi=110))
     plt.close(fig)
     return path
 
 
-def summary(results):
+def results_table(results):
     rows = []
     for name, m in results["models"].items():
         accuracy = f"{m['test_accuracy']:.4f}"
-        if results["settings"]["repeats"] > 1:
+        if m["runs"] > 1:
             accuracy += f" ± {m['test_accuracy_se']:.4f}"
         rows.append(
             [
@@ -415,29 +577,89 @@ def summary(results):
                 f"{m['params']:,}",
                 f"{m['gating_params']:,}",
                 f"{1000 * m['step_seconds_median']:.0f}",
+                str(m["runs"]),
                 accuracy,
                 f"{m['best_epoch_test_accuracy']:.4f}",
             ]
         )
-    table = common.markdown_table(
+    return common.markdown_table(
         [
             "model",
             "parameters",
             "of them gating",
             "train step (ms, median)",
-            "test accuracy, last epoch",
+            "runs",
+            "test accuracy, last epoch (mean ± s.e.)",
             "best epoch (mean)",
         ],
         rows,
     )
+
+
+def comparisons_table(results):
+    rows = [
+        [
+            f"`{c['a']}` − `{c['b']}`",
+            f"{100 * c['difference']:+.2f}",
+            f"[{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}]"
+            if c["ci95"] is not None
+            else "n/a",
+            f"{c['p_value']:.3g}" if c["p_value"] is not None else "n/a",
+            f"{c['n_a']} / {c['n_b']}",
+        ]
+        for c in results.get("comparisons", [])
+    ]
+    return common.markdown_table(
+        [
+            "difference, last epoch",
+            "points",
+            "95% CI (Welch)",
+            "Welch's t-test p",
+            "runs",
+        ],
+        rows,
+    )
+
+
+def epochs_table(results):
+    models = results["models"]
+    epochs = max((len(m["val_accuracy_mean"]) for m in models.values()), default=0)
+    rows = []
+    for epoch in range(epochs):
+        row = [str(epoch + 1)]
+        for m in models.values():
+            if epoch < len(m["val_accuracy_mean"]):
+                row.append(
+                    f"{m['val_accuracy_mean'][epoch]:.4f} ± "
+                    f"{m['val_accuracy_se'][epoch]:.4f}"
+                )
+            else:
+                row.append("")
+        rows.append(row)
+    return common.markdown_table(["epoch", *(f"`{n}`" for n in models)], rows)
+
+
+def summary(results):
     commands = [part["command"] for part in results.get("parts", [])]
     commands.append(results["command"])
-    return (
+    text = (
         "# CIFAR-10: CNN against MoE\n\n"
         + "".join(f"`{command}`\n\n" for command in commands)
         + f"Backend {results['backend']}, {results['date']}. Data: "
         f"{results['data']['source']}. Protocol: {results['protocol']}. "
         "Step times are wall-clock medians of `fit`'s training steps on the "
         "machine that ran it (shared CPU cores: compare within this table only).\n\n"
-        f"{table}\n\n![validation accuracy](cifar10_val_accuracy.png)\n"
+        f"{results_table(results)}\n\n"
     )
+    if results.get("comparisons"):
+        text += (
+            "Differences of the last epoch's test accuracy (percentage points; "
+            "a 95% confidence interval and p-value need 2 runs of each model):"
+            f"\n\n{comparisons_table(results)}\n\n"
+        )
+    text += (
+        "Test accuracy per epoch, mean ± s.e. over the runs:\n\n"
+        f"{epochs_table(results)}\n\n"
+        "![validation accuracy](cifar10_val_accuracy.png)\n"
+    )
+    return text

@@ -1,8 +1,10 @@
 """What every experiment shares: results.json, summaries, plots, timing, statistics."""
 
+import argparse
 import datetime
 import json
 import math
+import os
 import pathlib
 import shlex
 import sys
@@ -10,6 +12,77 @@ import time
 
 import keras
 import numpy as np
+
+
+class ExperimentError(ValueError):
+    """A run that cannot go ahead for a reason the user can fix (data, folders).
+
+    `keras-moe` prints its message in one line, without a traceback.
+    """
+
+
+def _number(kind, low, strict, text):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be {'an integer' if kind is int else 'a number'}. Received: {text!r}"
+        ) from None
+    if value < low or (strict and value == low) or value != value:
+        bound = f"{'>' if strict else '>='} {low}"
+        raise argparse.ArgumentTypeError(f"must be {bound}. Received: {text!r}")
+    return value
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    return _number(int, 0, True, text)
+
+
+def nonnegative_int(text):
+    """argparse type: an integer >= 0."""
+    return _number(int, 0, False, text)
+
+
+def positive_float(text):
+    """argparse type: a finite number > 0."""
+    value = _number(float, 0.0, True, text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite. Received: {text!r}")
+    return value
+
+
+def nonnegative_float(text):
+    """argparse type: a finite number >= 0."""
+    value = _number(float, 0.0, False, text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite. Received: {text!r}")
+    return value
+
+
+def now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def welch(a, b, name_a, name_b):
+    """Mean difference a - b with Welch's 95% CI and two-sided t-test p-value."""
+    from scipy import stats
+
+    a, b = np.asarray(a, dtype="float64"), np.asarray(b, dtype="float64")
+    result = {
+        "a": name_a,
+        "b": name_b,
+        "n_a": int(a.size),
+        "n_b": int(b.size),
+        "difference": float(a.mean() - b.mean()),
+        "ci95": None,
+        "p_value": None,
+    }
+    if a.size >= 2 and b.size >= 2 and (a.var() > 0 or b.var() > 0):
+        test = stats.ttest_ind(a, b, equal_var=False)
+        low, high = test.confidence_interval(0.95)
+        result.update(ci95=[float(low), float(high)], p_value=float(test.pvalue))
+    return result
 
 
 def command_line(argv=None):
@@ -31,7 +104,8 @@ def new_results(experiment, args, **extra):
     settings = {
         key: value
         for key, value in vars(args).items()
-        if key not in ("run", "command_line", "subcommand") and not callable(value)
+        if key not in ("run", "command_line", "subcommand", "parser")
+        and not callable(value)
     }
     return {
         "experiment": experiment,
@@ -39,9 +113,7 @@ def new_results(experiment, args, **extra):
         "backend": keras.backend.backend(),
         "keras_version": keras.__version__,
         "keras_moe_version": __version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"
-        ),
+        "date": now(),
         "settings": settings,
         **extra,
         "models": {},
@@ -64,16 +136,24 @@ def _jsonable(value):
     return value
 
 
-def write_json(out, results, name="results.json"):
-    path = pathlib.Path(out) / name
-    path.write_text(json.dumps(_jsonable(results), indent=1) + "\n")
+def replace_atomically(path, write):
+    """Calls `write(tmp_path)`, then moves the file to `path` in one step, so
+    that processes sharing an output folder never see half a file."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    write(tmp)
+    os.replace(tmp, path)
     return path
+
+
+def write_json(out, results, name="results.json"):
+    text = json.dumps(_jsonable(results), indent=1) + "\n"
+    return replace_atomically(pathlib.Path(out) / name, lambda p: p.write_text(text))
 
 
 def write_text(out, name, text):
-    path = pathlib.Path(out) / name
-    path.write_text(text.rstrip() + "\n")
-    return path
+    text = text.rstrip() + "\n"
+    return replace_atomically(pathlib.Path(out) / name, lambda p: p.write_text(text))
 
 
 def report_written(paths):

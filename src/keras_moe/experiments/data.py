@@ -17,6 +17,8 @@ import tarfile
 
 import numpy as np
 
+from keras_moe.experiments.common import ExperimentError
+
 CIFAR10_CLASSES = (
     "airplane",
     "automobile",
@@ -77,7 +79,7 @@ def _collect(entries, path):
         if parts[-1].lower().endswith(IMAGE_SUFFIXES) and not parts[-1].startswith(".")
     ]
     if not images:
-        raise ValueError(
+        raise ExperimentError(
             "`data` must be a folder or tar archive of images in the layout "
             "`train/<class>/*.jpg`, `test/<class>/*.jpg`. "
             f"Received: data={str(path)!r}, which holds no image files"
@@ -89,7 +91,7 @@ def _collect(entries, path):
     grouped = {split: {} for split in SPLITS}
     for parts, read in images:
         if len(parts) != 3 or parts[0] not in SPLITS:
-            raise ValueError(
+            raise ExperimentError(
                 "`data` must hold images only as `train/<class>/<file>` and "
                 "`test/<class>/<file>` (optionally under one top-level folder). "
                 f"Received: data={str(path)!r} with an image at {'/'.join(parts)!r}"
@@ -98,14 +100,14 @@ def _collect(entries, path):
         grouped[split].setdefault(class_name, []).append((name, read))
     for split in SPLITS:
         if not grouped[split]:
-            raise ValueError(
+            raise ExperimentError(
                 f"`data` must have a `{split}/` folder with one sub-folder of "
                 f"images per class. Received: data={str(path)!r} with no "
                 f"`{split}/<class>/` images"
             )
     train_classes, test_classes = sorted(grouped["train"]), sorted(grouped["test"])
     if train_classes != test_classes:
-        raise ValueError(
+        raise ExperimentError(
             "`data` must have the same classes under `train/` and `test/`. "
             f"Received: train classes {train_classes}, test classes {test_classes}"
         )
@@ -126,7 +128,7 @@ def _decode(read, where):
         with Image.open(io.BytesIO(read())) as image:
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
     except OSError as error:
-        raise ValueError(
+        raise ExperimentError(
             f"`data` holds a file that is not a readable image: {where!r} ({error})"
         ) from None
 
@@ -145,7 +147,7 @@ def _decode_split(grouped, split, class_names, size, rng, path):
         labels.append(label)
     shapes = {image.shape for image in images}
     if len(shapes) != 1:
-        raise ValueError(
+        raise ExperimentError(
             "`data` must hold images of one size. "
             f"Received: data={str(path)!r} with image shapes {sorted(shapes)}"
         )
@@ -168,7 +170,8 @@ def load_image_folder(path, train_size=None, test_size=None, seed=0):
         (the index of the class in the sorted class names) and the class names.
 
     Raises:
-        ValueError: if the path does not exist or is not laid out as above.
+        ExperimentError (a ValueError): if the path does not exist, is not
+            laid out as above or holds a file that is not a readable image.
     """
     path = pathlib.Path(path)
     rng = np.random.default_rng(seed)
@@ -180,7 +183,7 @@ def load_image_folder(path, train_size=None, test_size=None, seed=0):
         try:
             archive = tarfile.open(path, "r:*")
         except tarfile.TarError:
-            raise ValueError(
+            raise ExperimentError(
                 "`data` must be a folder or a tar archive (.tar, .tar.gz, .tgz). "
                 f"Received: data={str(path)!r}, which is neither"
             ) from None
@@ -189,7 +192,7 @@ def load_image_folder(path, train_size=None, test_size=None, seed=0):
             train = _decode_split(grouped, "train", class_names, train_size, rng, path)
             test = _decode_split(grouped, "test", class_names, test_size, rng, path)
     else:
-        raise ValueError(
+        raise ExperimentError(
             f"`data` must be an existing folder or tar archive. Received: data={str(path)!r}"
         )
     return ImageData(*train, *test, class_names=class_names, source=str(path))
@@ -212,7 +215,15 @@ def load_cifar10(data=None, train_size=None, test_size=None, seed=0):
         return load_image_folder(data, train_size, test_size, seed)
     import keras
 
-    (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+    try:
+        (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+    except Exception as error:  # network, proxy, a truncated download, ...
+        raise ExperimentError(
+            "CIFAR-10 could not be downloaded by keras.datasets.cifar10 "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+            "Without a network, pass `--data PATH`, a folder or .tar.gz of images "
+            "laid out as train/<class>/*.jpg and test/<class>/*.jpg"
+        ) from error
     rng = np.random.default_rng(seed)
     train = _subset(len(x_train), train_size, rng)
     test = _subset(len(x_test), test_size, rng)

@@ -22,18 +22,27 @@ DESCRIPTION = __doc__
 
 
 def add_arguments(parser):
-    parser.add_argument("--dim", type=int, default=128, help="input dimension")
-    parser.add_argument("--units", type=int, default=128, help="output units")
-    parser.add_argument("--samples", type=int, default=250, help="random input samples")
+    parser.add_argument(
+        "--dim", type=common.positive_int, default=128, help="input dimension"
+    )
+    parser.add_argument(
+        "--units", type=common.positive_int, default=128, help="output units"
+    )
+    parser.add_argument(
+        "--samples", type=common.positive_int, default=250, help="random input samples"
+    )
     parser.add_argument(
         "--experts",
-        type=int,
+        type=common.positive_int,
         nargs="+",
         default=[1, 2, 5, 10, 20],
         help="numbers of experts K of the DenseMoE layers",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed of inputs and weights"
+        "--seed",
+        type=common.nonnegative_int,
+        default=0,
+        help="seed of inputs and weights",
     )
 
 

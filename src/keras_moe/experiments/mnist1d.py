@@ -19,7 +19,6 @@ import numpy as np
 from keras_moe import Conv1DMoE
 from keras_moe.experiments import common
 from keras_moe.experiments import data as data_lib
-from keras_moe.experiments.cifar10 import pooled_gating_available
 
 DESCRIPTION = __doc__
 MODELS = ("cnn", "moe", "moe-pooled")
@@ -43,12 +42,19 @@ def add_arguments(parser):
         "--models", nargs="+", choices=MODELS, default=list(MODELS), help="models"
     )
     parser.add_argument(
-        "--epochs", type=int, default=150, help="150 epochs = the paper's 6,000 steps"
+        "--epochs",
+        type=common.positive_int,
+        default=150,
+        help="150 epochs = the paper's 6,000 steps",
     )
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--learning-rate", type=float, default=1e-2)
-    parser.add_argument("--repeats", type=int, default=1, help="runs per model")
-    parser.add_argument("--seed", type=int, default=0, help="seed of run r is seed+r")
+    parser.add_argument("--batch-size", type=common.positive_int, default=100)
+    parser.add_argument("--learning-rate", type=common.positive_float, default=1e-2)
+    parser.add_argument(
+        "--repeats", type=common.positive_int, default=1, help="runs per model"
+    )
+    parser.add_argument(
+        "--seed", type=common.nonnegative_int, default=0, help="seed of run r is seed+r"
+    )
     parser.add_argument(
         "--verbose", type=int, default=2, choices=(0, 1, 2), help="Keras fit verbosity"
     )
@@ -63,7 +69,7 @@ def build_model(name, length=40, n_classes=10, channels=25):
                 keras.layers.Conv1D(channels, kernel_size, strides=2, activation="relu")
             )
         else:
-            extra = {"gating_input": "pooled"} if name == "moe-pooled" else {}
+            gating_input = "pooled" if name == "moe-pooled" else "flatten"
             layers.append(
                 Conv1DMoE(
                     channels,
@@ -72,7 +78,7 @@ def build_model(name, length=40, n_classes=10, channels=25):
                     strides=2,
                     expert_activation="relu",
                     gating_activation="softmax",
-                    **extra,
+                    gating_input=gating_input,
                 )
             )
     layers += [keras.layers.Flatten(), keras.layers.Dense(n_classes)]
@@ -84,11 +90,8 @@ def run(args):
         args.epochs = min(args.epochs, 2)
         args.repeats = 1
     models = list(dict.fromkeys(args.models))
-    if "moe-pooled" in models and not pooled_gating_available():
-        print("moe-pooled skipped: this Conv1DMoE has no `gating_input`")
-        models.remove("moe-pooled")
-    out = common.output_dir(args.out)
     x_train, y_train, x_test, y_test = data_lib.load_mnist1d()
+    out = common.output_dir(args.out)
     print(
         f"MNIST-1D: {len(x_train)} training and {len(x_test)} test sequences "
         f"of length {x_train.shape[1]}"
