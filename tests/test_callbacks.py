@@ -61,7 +61,7 @@ def test_collapsed_router_shows_in_the_logs():
         4, 4, top_k=1, router_bias=True, load_balance_weight=0.0, name="ffn"
     )
     model = keras.Sequential([keras.Input((5,)), layer])
-    layer.router_bias_weight.assign(np.array([100.0, 0.0, 0.0, 0.0], "float32"))
+    layer.router.bias.assign(np.array([100.0, 0.0, 0.0, 0.0], "float32"))
     model.compile(keras.optimizers.SGD(0.0), "mse")
     x = np.random.default_rng(1).normal(size=(16, 5)).astype("float32")
     usage = ExpertUsage()

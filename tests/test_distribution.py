@@ -239,7 +239,7 @@ def test_nested_layer_of_a_subclassed_model_is_sharded():
     ffn = model.block.ffn
     for name in ffn.expert_weight_axes():
         assert tuple(getattr(ffn, name)._layout.axes) == ("expert",), name
-    assert tuple(ffn.router_kernel._layout.axes) == (None, None)
+    assert tuple(ffn.router.kernel._layout.axes) == (None, None)
 
 
 @jax_only

@@ -9,15 +9,24 @@ import numpy as np
 from keras_moe import routing
 
 
-def sparse_moe_layers(model):
-    """The built layers of `model` that route sparsely (`top_k` set)."""
-    return [
-        layer
-        for layer in model._flatten_layers(include_self=False)
-        if isinstance(layer, routing.SparseRouter)
-        and layer.built
-        and layer.top_k is not None
-    ]
+def sparse_routers(model):
+    """`{name: router}` for every built `TopKRouter` of `model`.
+
+    A router that is a layer's `router` sublayer (as in `DenseMoE` with
+    `top_k` and `MoEFeedForward`) goes by that layer's name, any other by
+    its own.
+    """
+    layers = model._flatten_layers(include_self=False)
+    hosts = {}
+    for layer in layers:
+        router = getattr(layer, "router", None)
+        if isinstance(router, routing.TopKRouter):
+            hosts.setdefault(id(router), layer.name)
+    return {
+        hosts.get(id(layer), layer.name): layer
+        for layer in layers
+        if isinstance(layer, routing.TopKRouter) and layer.built
+    }
 
 
 class ExpertUsage(keras.callbacks.Callback):
@@ -68,14 +77,15 @@ class ExpertUsage(keras.callbacks.Callback):
         self.epochs = []
 
     def on_train_begin(self, logs=None):
-        self._layers = sparse_moe_layers(self.model)
+        self._routers = sparse_routers(self.model)
         self.loads = {
-            layer.name: np.zeros((0, layer.n_experts)) for layer in self._layers
+            name: np.zeros((0, router.n_experts))
+            for name, router in self._routers.items()
         }
         self.epochs = []
         if self.csv_path is not None:
             os.makedirs(os.path.dirname(os.path.abspath(self.csv_path)), exist_ok=True)
-            width = max([layer.n_experts for layer in self._layers], default=0)
+            width = max([r.n_experts for r in self._routers.values()], default=0)
             with open(self.csv_path, "w", newline="") as f:
                 csv.writer(f).writerow(
                     [
@@ -90,26 +100,26 @@ class ExpertUsage(keras.callbacks.Callback):
                 )
 
     def on_epoch_begin(self, epoch, logs=None):
-        for layer in self._layers:
-            layer.reset_routing_stats()
+        for router in self._routers.values():
+            router.reset_routing_stats()
 
     def on_epoch_end(self, epoch, logs=None):
         logs = {} if logs is None else logs
         rows = []
-        for layer in self._layers:
-            stats = layer.routing_stats_mean()
+        for name, router in self._routers.items():
+            stats = router.routing_stats_mean()
             if stats is None:
                 continue
             load = np.asarray(stats["expert_load"], "float64")
-            max_load = float(load.max() * layer.n_experts)
-            logs[f"{layer.name}_max_load"] = max_load
-            logs[f"{layer.name}_dropped_fraction"] = stats["dropped_fraction"]
-            logs[f"{layer.name}_router_entropy"] = stats["router_entropy"]
-            self.loads[layer.name] = np.vstack([self.loads[layer.name], load])
+            max_load = float(load.max() * router.n_experts)
+            logs[f"{name}_max_load"] = max_load
+            logs[f"{name}_dropped_fraction"] = stats["dropped_fraction"]
+            logs[f"{name}_router_entropy"] = stats["router_entropy"]
+            self.loads[name] = np.vstack([self.loads[name], load])
             rows.append(
                 [
                     epoch,
-                    layer.name,
+                    name,
                     stats["steps"],
                     stats["dropped_fraction"],
                     stats["router_entropy"],

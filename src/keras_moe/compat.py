@@ -114,7 +114,9 @@ def load_seed_weights(layer, arrays):
 
     Raises:
         TypeError: `layer` is not a keras-moe layer with original weights.
-        ValueError: the number or shapes of `arrays` do not fit the layer.
+        ValueError: the number or shapes of `arrays` do not fit the layer
+            (which is then left as it was: unbuilt if it was, its weights
+            unchanged if it was built).
     """
     from_original, input_shape_of = _converters(layer)
     names = _original_names(layer)
@@ -133,10 +135,15 @@ def load_seed_weights(layer, arrays):
                 f"{ranks[name]}. Received: arrays shapes {[a.shape for a in arrays]}"
             )
     weights = from_original(layer, dict(zip(names, arrays)))
+    checked = layer
     if not layer.built:
-        layer.build(input_shape_of(layer, dict(zip(names, arrays))))
+        # Shapes are checked on a twin built from them: a rejected load must
+        # leave `layer` as it was, unbuilt.
+        input_shape = input_shape_of(layer, dict(zip(names, arrays)))
+        checked = type(layer).from_config(layer.get_config())
+        checked.build(input_shape)
     for name in names:
-        variable = getattr(layer, name)
+        variable = getattr(checked, name)
         value = weights[name]
         if tuple(variable.shape) != tuple(value.shape):
             raise ValueError(
@@ -145,6 +152,8 @@ def load_seed_weights(layer, arrays):
                 f"{tuple(variable.shape)}. Received: arrays shapes "
                 f"{[a.shape for a in arrays]}"
             )
+    if not layer.built:
+        layer.build(input_shape)
     for name in names:
         getattr(layer, name).assign(weights[name].astype(getattr(layer, name).dtype))
     return layer

@@ -28,13 +28,18 @@ def np_silu(x):
     return x / (1.0 + np.exp(-x))
 
 
+def relative_path(variable):
+    """A variable's path inside its layer: `expert_up_kernel`, `router/kernel`."""
+    return variable.path.split("/", 1)[1]
+
+
 def reference(layer, x, activation):
     """Loop over tokens and their top-k experts (float64)."""
-    w = {v.name: to_numpy(v).astype("float64") for v in layer.weights}
+    w = {relative_path(v): to_numpy(v).astype("float64") for v in layer.weights}
     tokens = x.reshape(-1, x.shape[-1]).astype("float64")
-    logits = tokens @ w["router_kernel"]
-    if "router_bias" in w:
-        logits = logits + w["router_bias"]
+    logits = tokens @ w["router/kernel"]
+    if "router/bias" in w:
+        logits = logits + w["router/bias"]
     out = np.zeros_like(tokens)
     for t, z in enumerate(logits):
         experts = np.argsort(-z, kind="stable")[: layer.top_k]
@@ -132,7 +137,7 @@ def test_equals_keras_hub_mixtral_block():
     layer = MoEFeedForward(M, E, top_k=2, activation="silu", gated=True, use_bias=False)
     layer.build(x.shape)
     bank = mixtral.expert_bank
-    layer.router_kernel.assign(mixtral._sparse_feedforward_gate_dense.kernel)
+    layer.router.kernel.assign(mixtral._sparse_feedforward_gate_dense.kernel)
     layer.expert_gate_kernel.assign(bank._expert_feedforward_gate_dense)
     layer.expert_up_kernel.assign(bank._expert_feedforward_intermediate_dense)
     layer.expert_down_kernel.assign(bank._expert_feedforward_output_dense)
@@ -144,18 +149,18 @@ def test_equals_keras_hub_mixtral_block():
 def test_weight_names_and_shapes():
     layer = MoEFeedForward(M, E, gated=True, router_bias=True, noisy_gating=True)
     layer.build((None, D))
-    shapes = {v.name: tuple(v.shape) for v in layer.weights}
+    shapes = {relative_path(v): tuple(v.shape) for v in layer.weights}
     assert shapes == {
-        "router_kernel": (D, E),
-        "router_bias": (E,),
+        "router/kernel": (D, E),
+        "router/bias": (E,),
         "expert_up_kernel": (E, D, M),
         "expert_gate_kernel": (E, D, M),
         "expert_down_kernel": (E, M, D),
         "expert_up_bias": (E, M),
         "expert_down_bias": (E, D),
-        "router_noise_kernel": (D, E),
-        "routing_stats_last": (E + 2,),
-        "routing_stats_sum": (E + 3,),
+        "router/noise_kernel": (D, E),
+        "router/routing_stats_last": (E + 2,),
+        "router/routing_stats_sum": (E + 3,),
     }
     assert layer.expert_weight_axes()["expert_gate_kernel"] == 0
 
@@ -169,7 +174,7 @@ def test_losses_only_in_training_and_match_numpy():
     assert layer.losses == []
     layer(x, training=True)
     balance, z_loss = (float(to_numpy(v)) for v in layer.losses)
-    logits = x.astype("float64") @ to_numpy(layer.router_kernel)
+    logits = x.astype("float64") @ to_numpy(layer.router.kernel)
     probs = np_softmax(logits)
     chosen = np.argsort(-logits, axis=-1)[:, :2]
     f = np.bincount(chosen.ravel(), minlength=E) / chosen.size
@@ -211,10 +216,10 @@ def test_gradients_reach_router_and_experts():
     layer = MoEFeedForward(M, E, top_k=2, gated=True, load_balance_weight=0.0)
     model = keras.Sequential([keras.Input((D,)), layer])
     model.compile(keras.optimizers.SGD(0.1), "mse")
-    before = {v.name: to_numpy(v).copy() for v in layer.trainable_weights}
+    before = {v.path: to_numpy(v).copy() for v in layer.trainable_weights}
     model.train_on_batch(x, y)
     for v in layer.trainable_weights:
-        assert not np.allclose(to_numpy(v), before[v.name]), v.name
+        assert not np.allclose(to_numpy(v), before[v.path]), v.path
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
@@ -225,7 +230,7 @@ def test_mixed_precision_keeps_the_router_in_float32(policy):
     y = layer(x, training=True)
     compute = policy.split("_")[1]
     assert keras.backend.standardize_dtype(y.dtype) == compute
-    assert layer.router_kernel.dtype == "float32"
+    assert layer.router.kernel.dtype == "float32"
     assert layer.expert_up_kernel.dtype == "float32"
     for loss in layer.losses:
         assert keras.backend.standardize_dtype(loss.dtype) == "float32"

@@ -24,6 +24,24 @@ if BACKEND not in _MODULES:
     )
 _impl = importlib.import_module(_MODULES[BACKEND])
 
+# Looked up once at import, not at each call: `torch.compile` cannot trace a
+# lookup's `try`/`except`.
+_FAST_PATHS = {
+    name: getattr(_impl, name, None)
+    for name in (
+        "gather_rows",
+        "grouped_matmul",
+        "grouped_matmul_usable",
+        "soft_mixture",
+    )
+}
+
+
+def fast_path(name):
+    """The backend's function `name` where it has one, else None (the
+    generic `keras.ops` path applies)."""
+    return _FAST_PATHS[name]
+
 
 def __getattr__(name):
     try:

@@ -61,10 +61,46 @@ class BaseConvMoE(BaseMoE):
         padding="valid",
         data_format=None,
         dilation_rate=1,
+        expert_activation=None,
+        gating_activation=None,
+        use_expert_bias=True,
+        use_gating_bias=True,
+        expert_kernel_initializer_scale=1.0,
+        gating_kernel_initializer_scale=1.0,
+        expert_bias_initializer="zeros",
+        gating_bias_initializer="zeros",
+        expert_kernel_regularizer=None,
+        gating_kernel_regularizer=None,
+        expert_bias_regularizer=None,
+        gating_bias_regularizer=None,
+        expert_kernel_constraint=None,
+        gating_kernel_constraint=None,
+        expert_bias_constraint=None,
+        gating_bias_constraint=None,
+        activity_regularizer=None,
         gating_input="flatten",
         **kwargs,
     ):
-        super().__init__(**kwargs)
+        super().__init__(
+            expert_activation=expert_activation,
+            gating_activation=gating_activation,
+            use_expert_bias=use_expert_bias,
+            use_gating_bias=use_gating_bias,
+            expert_kernel_initializer_scale=expert_kernel_initializer_scale,
+            gating_kernel_initializer_scale=gating_kernel_initializer_scale,
+            expert_bias_initializer=expert_bias_initializer,
+            gating_bias_initializer=gating_bias_initializer,
+            expert_kernel_regularizer=expert_kernel_regularizer,
+            gating_kernel_regularizer=gating_kernel_regularizer,
+            expert_bias_regularizer=expert_bias_regularizer,
+            gating_bias_regularizer=gating_bias_regularizer,
+            expert_kernel_constraint=expert_kernel_constraint,
+            gating_kernel_constraint=gating_kernel_constraint,
+            expert_bias_constraint=expert_bias_constraint,
+            gating_bias_constraint=gating_bias_constraint,
+            activity_regularizer=activity_regularizer,
+            **kwargs,
+        )
         self.rank = rank
         self.n_filters = utils.check_positive_int("n_filters", n_filters)
         self.n_experts_per_filter = utils.check_positive_int(
@@ -159,22 +195,26 @@ class BaseConvMoE(BaseMoE):
         gating_std = self.gating_kernel_initializer_scale / math.sqrt(
             math.prod(gating_fan_in)
         )
+        gates_shape = (self.n_filters, self.n_experts_per_filter)
         self._add_moe_weights(
             expert_kernel_shape=self.kernel_size + (in_channels, n_out),
             expert_kernel_initializer=keras.initializers.RandomNormal(
                 stddev=expert_std
             ),
-            gating_kernel_shape=gating_fan_in
-            + (self.n_filters, self.n_experts_per_filter),
+            expert_bias_shape=gates_shape,
+            gating_kernel_shape=gating_fan_in + gates_shape,
             gating_kernel_initializer=keras.initializers.RandomNormal(
                 stddev=gating_std
             ),
-            expert_bias_shape=(self.n_filters, self.n_experts_per_filter),
-            gating_bias_shape=(self.n_filters, self.n_experts_per_filter),
+            gating_bias_shape=gates_shape,
         )
-        axes = {self._channel_axis: in_channels}
-        self.input_spec = keras.layers.InputSpec(ndim=self.rank + 2, axes=axes)
-        self.built = True
+        if self.gating_input == "flatten":
+            # The gates read the whole sample: only the built shape fits them
+            # (another size would be folded into other samples, or fail).
+            self.input_spec = keras.layers.InputSpec(shape=(None,) + input_shape[1:])
+        else:
+            axes = {self._channel_axis: in_channels}
+            self.input_spec = keras.layers.InputSpec(ndim=self.rank + 2, axes=axes)
 
     def _to_channels_last(self, x):
         if self.data_format == "channels_first":
@@ -332,11 +372,16 @@ class BaseConvMoE(BaseMoE):
         )
 
     def call(self, inputs, training=None):
+        inputs = self._to_compute_dtype(inputs)
         gates_shape = (self.n_filters, self.n_experts_per_filter)
         logits = self.gate_logits(inputs)
         if self.gating_input == "local":
             # (b, s, f, k): TensorFlow's CPU softmax takes at most rank 5.
-            logits = ops.reshape(logits, (ops.shape(logits)[0], -1) + gates_shape)
+            spatial = logits.shape[1:-2]
+            positions = -1 if None in spatial else math.prod(spatial)
+            logits = ops.reshape(
+                logits, (ops.shape(logits)[0], positions) + gates_shape
+            )
         gates = routing.gate_values(logits, self.gating_activation)
         if self._uses_mixed_kernel(inputs):
             outputs = self.mixed_kernel_outputs(self._to_channels_last(inputs), gates)

@@ -1,50 +1,18 @@
 import keras
+from keras import ops
 
 from keras_moe import utils
-
-_SERIALIZERS = {
-    "activation": keras.activations.serialize,
-    "initializer": keras.initializers.serialize,
-    "regularizer": keras.regularizers.serialize,
-    "constraint": keras.constraints.serialize,
-}
 
 
 class BaseMoE(keras.layers.Layer):
     """Private base of the original-style MoE layers (`DenseMoE`, `ConvNDMoE`).
 
-    It validates, normalises, keeps and serialises the expert and gating
-    arguments that these layers share, and creates their four weights, so that
-    each layer only says what shapes and initial scales its weights have.
+    It validates, keeps and serialises the expert and gating arguments these
+    layers share (the original layers' signature, in its order) and creates
+    their four weights, so that each layer only says what shapes and initial
+    scales its weights have. Inputs of any dtype are computed in the layer's
+    compute dtype, as `Dense` does (integer inputs give the float result).
     """
-
-    # Argument name -> kind, in the order of the original layers' signature.
-    _MOE_ARGUMENTS = {
-        "expert_activation": "activation",
-        "gating_activation": "activation",
-        "use_expert_bias": "bool",
-        "use_gating_bias": "bool",
-        "expert_kernel_initializer_scale": "scale",
-        "gating_kernel_initializer_scale": "scale",
-        "expert_bias_initializer": "initializer",
-        "gating_bias_initializer": "initializer",
-        "expert_kernel_regularizer": "regularizer",
-        "gating_kernel_regularizer": "regularizer",
-        "expert_bias_regularizer": "regularizer",
-        "gating_bias_regularizer": "regularizer",
-        "expert_kernel_constraint": "constraint",
-        "gating_kernel_constraint": "constraint",
-        "expert_bias_constraint": "constraint",
-        "gating_bias_constraint": "constraint",
-    }
-    _CHECKS = {
-        "activation": utils.get_activation,
-        "bool": utils.check_bool,
-        "scale": utils.check_positive_float,
-        "initializer": utils.get_initializer,
-        "regularizer": utils.get_regularizer,
-        "constraint": utils.get_constraint,
-    }
 
     def __init__(
         self,
@@ -73,19 +41,65 @@ class BaseMoE(keras.layers.Layer):
             ),
             **kwargs,
         )
-        given = locals()
-        for name, kind in self._MOE_ARGUMENTS.items():
-            setattr(self, name, self._CHECKS[kind](name, given[name]))
+        self.expert_activation = utils.get_activation(
+            "expert_activation", expert_activation
+        )
+        self.gating_activation = utils.get_activation(
+            "gating_activation", gating_activation
+        )
+        self.use_expert_bias = utils.check_bool("use_expert_bias", use_expert_bias)
+        self.use_gating_bias = utils.check_bool("use_gating_bias", use_gating_bias)
+        self.expert_kernel_initializer_scale = utils.check_positive_float(
+            "expert_kernel_initializer_scale", expert_kernel_initializer_scale
+        )
+        self.gating_kernel_initializer_scale = utils.check_positive_float(
+            "gating_kernel_initializer_scale", gating_kernel_initializer_scale
+        )
+        self.expert_bias_initializer = utils.get_initializer(
+            "expert_bias_initializer", expert_bias_initializer
+        )
+        self.gating_bias_initializer = utils.get_initializer(
+            "gating_bias_initializer", gating_bias_initializer
+        )
+        self.expert_kernel_regularizer = utils.get_regularizer(
+            "expert_kernel_regularizer", expert_kernel_regularizer
+        )
+        self.gating_kernel_regularizer = utils.get_regularizer(
+            "gating_kernel_regularizer", gating_kernel_regularizer
+        )
+        self.expert_bias_regularizer = utils.get_regularizer(
+            "expert_bias_regularizer", expert_bias_regularizer
+        )
+        self.gating_bias_regularizer = utils.get_regularizer(
+            "gating_bias_regularizer", gating_bias_regularizer
+        )
+        self.expert_kernel_constraint = utils.get_constraint(
+            "expert_kernel_constraint", expert_kernel_constraint
+        )
+        self.gating_kernel_constraint = utils.get_constraint(
+            "gating_kernel_constraint", gating_kernel_constraint
+        )
+        self.expert_bias_constraint = utils.get_constraint(
+            "expert_bias_constraint", expert_bias_constraint
+        )
+        self.gating_bias_constraint = utils.get_constraint(
+            "gating_bias_constraint", gating_bias_constraint
+        )
 
     def _add_moe_weights(
         self,
         expert_kernel_shape,
         expert_kernel_initializer,
-        gating_kernel_shape,
-        gating_kernel_initializer,
         expert_bias_shape,
-        gating_bias_shape,
+        gating_kernel_shape=None,
+        gating_kernel_initializer=None,
+        gating_bias_shape=None,
     ):
+        """Creates the expert weights and, given their shapes, the gating ones.
+
+        In the original layers' order (expert kernel, gating kernel, expert
+        bias, gating bias), which is also the order of saved files.
+        """
         self.expert_kernel = self.add_weight(
             name="expert_kernel",
             shape=expert_kernel_shape,
@@ -93,15 +107,17 @@ class BaseMoE(keras.layers.Layer):
             regularizer=self.expert_kernel_regularizer,
             constraint=self.expert_kernel_constraint,
         )
-        # The router stays in float32 under mixed precision: no autocast.
-        self.gating_kernel = self.add_weight(
-            name="gating_kernel",
-            shape=gating_kernel_shape,
-            initializer=gating_kernel_initializer,
-            regularizer=self.gating_kernel_regularizer,
-            constraint=self.gating_kernel_constraint,
-            autocast=False,
-        )
+        self._gating_kernel = None
+        if gating_kernel_shape is not None:
+            # The router stays in float32 under mixed precision: no autocast.
+            self._gating_kernel = self.add_weight(
+                name="gating_kernel",
+                shape=gating_kernel_shape,
+                initializer=gating_kernel_initializer,
+                regularizer=self.gating_kernel_regularizer,
+                constraint=self.gating_kernel_constraint,
+                autocast=False,
+            )
         self.expert_bias = None
         if self.use_expert_bias:
             self.expert_bias = self.add_weight(
@@ -111,9 +127,9 @@ class BaseMoE(keras.layers.Layer):
                 regularizer=self.expert_bias_regularizer,
                 constraint=self.expert_bias_constraint,
             )
-        self.gating_bias = None
-        if self.use_gating_bias:
-            self.gating_bias = self.add_weight(
+        self._gating_bias = None
+        if gating_bias_shape is not None and self.use_gating_bias:
+            self._gating_bias = self.add_weight(
                 name="gating_bias",
                 shape=gating_bias_shape,
                 initializer=self.gating_bias_initializer,
@@ -122,13 +138,61 @@ class BaseMoE(keras.layers.Layer):
                 autocast=False,
             )
 
+    @property
+    def gating_kernel(self):
+        """The gating (router) kernel, named as in the original layers."""
+        return self._gating_kernel
+
+    @property
+    def gating_bias(self):
+        """The gating bias (`None` without `use_gating_bias`)."""
+        return self._gating_bias
+
+    def _to_compute_dtype(self, inputs):
+        # Keras autocasts float inputs only; integers would otherwise meet
+        # kernels cast to their dtype (truncated) in the expert products.
+        return ops.cast(inputs, self.compute_dtype)
+
     def get_config(self):
-        config = {}
-        for name, kind in self._MOE_ARGUMENTS.items():
-            value = getattr(self, name)
-            serialize = _SERIALIZERS.get(kind)
-            config[name] = serialize(value) if serialize else value
-        config["activity_regularizer"] = keras.regularizers.serialize(
-            self.activity_regularizer
-        )
+        config = {
+            "expert_activation": keras.activations.serialize(self.expert_activation),
+            "gating_activation": keras.activations.serialize(self.gating_activation),
+            "use_expert_bias": self.use_expert_bias,
+            "use_gating_bias": self.use_gating_bias,
+            "expert_kernel_initializer_scale": self.expert_kernel_initializer_scale,
+            "gating_kernel_initializer_scale": self.gating_kernel_initializer_scale,
+            "expert_bias_initializer": keras.initializers.serialize(
+                self.expert_bias_initializer
+            ),
+            "gating_bias_initializer": keras.initializers.serialize(
+                self.gating_bias_initializer
+            ),
+            "expert_kernel_regularizer": keras.regularizers.serialize(
+                self.expert_kernel_regularizer
+            ),
+            "gating_kernel_regularizer": keras.regularizers.serialize(
+                self.gating_kernel_regularizer
+            ),
+            "expert_bias_regularizer": keras.regularizers.serialize(
+                self.expert_bias_regularizer
+            ),
+            "gating_bias_regularizer": keras.regularizers.serialize(
+                self.gating_bias_regularizer
+            ),
+            "expert_kernel_constraint": keras.constraints.serialize(
+                self.expert_kernel_constraint
+            ),
+            "gating_kernel_constraint": keras.constraints.serialize(
+                self.gating_kernel_constraint
+            ),
+            "expert_bias_constraint": keras.constraints.serialize(
+                self.expert_bias_constraint
+            ),
+            "gating_bias_constraint": keras.constraints.serialize(
+                self.gating_bias_constraint
+            ),
+            "activity_regularizer": keras.regularizers.serialize(
+                self.activity_regularizer
+            ),
+        }
         return {**super().get_config(), **config}

@@ -30,17 +30,33 @@ class Conv1DMoE(BaseConvMoE):
         data_format: `"channels_last"` or `"channels_first"` (default:
             `keras.config.image_data_format()`).
         dilation_rate: Integer or tuple of 1 integers (default 1).
-        expert_activation, gating_activation, use_expert_bias,
-        use_gating_bias, expert_kernel_initializer_scale,
-        gating_kernel_initializer_scale, ...: As in `DenseMoE`. Expert
-            kernels are initialised normal with std
-            `scale / sqrt(in_channels * prod(kernel_size))`, gates normal with
-            std `scale / sqrt(fan_in)`, `fan_in` the gating kernel's size
-            over its first axes (`prod(input_shape[1:])`, `in_channels` or
-            `in_channels * prod(kernel_size)`).
+        expert_activation: Activation of each expert (`None`: linear).
+        gating_activation: Activation of the gate logits over the experts of
+            each filter (`None`: linear, as in the original; `"softmax"` is
+            usual).
+        use_expert_bias: Whether experts have a bias.
+        use_gating_bias: Whether the gates have a bias.
+        expert_kernel_initializer_scale: Scale of the experts' normal
+            initialisation, std `scale / sqrt(in_channels *
+            prod(kernel_size))`.
+        gating_kernel_initializer_scale: Scale of the gates' normal
+            initialisation, std `scale / sqrt(fan_in)`, `fan_in` the gating
+            kernel's size over its first axes (`prod(input_shape[1:])`,
+            `in_channels` or `in_channels * prod(kernel_size)`).
+        expert_bias_initializer: Initializer of the experts' bias.
+        gating_bias_initializer: Initializer of the gating bias.
+        expert_kernel_regularizer: Regularizer of the experts' kernel.
+        gating_kernel_regularizer: Regularizer of the gating kernel.
+        expert_bias_regularizer: Regularizer of the experts' bias.
+        gating_bias_regularizer: Regularizer of the gating bias.
+        expert_kernel_constraint: Constraint of the experts' kernel.
+        gating_kernel_constraint: Constraint of the gating kernel.
+        expert_bias_constraint: Constraint of the experts' bias.
+        gating_bias_constraint: Constraint of the gating bias.
+        activity_regularizer: Regularizer of the layer's output.
         gating_input: `"flatten"` (default), `"pooled"` or `"local"`: what
             the gates see (above).
-        **kwargs: Base layer arguments.
+        **kwargs: Base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
         inputs: Tensor of rank 3.
@@ -94,6 +110,23 @@ class Conv1DMoE(BaseConvMoE):
         padding="valid",
         data_format=None,
         dilation_rate=1,
+        expert_activation=None,
+        gating_activation=None,
+        use_expert_bias=True,
+        use_gating_bias=True,
+        expert_kernel_initializer_scale=1.0,
+        gating_kernel_initializer_scale=1.0,
+        expert_bias_initializer="zeros",
+        gating_bias_initializer="zeros",
+        expert_kernel_regularizer=None,
+        gating_kernel_regularizer=None,
+        expert_bias_regularizer=None,
+        gating_bias_regularizer=None,
+        expert_kernel_constraint=None,
+        gating_kernel_constraint=None,
+        expert_bias_constraint=None,
+        gating_bias_constraint=None,
+        activity_regularizer=None,
         gating_input="flatten",
         **kwargs,
     ):
@@ -107,5 +140,22 @@ class Conv1DMoE(BaseConvMoE):
             data_format=data_format,
             dilation_rate=dilation_rate,
             gating_input=gating_input,
+            expert_activation=expert_activation,
+            gating_activation=gating_activation,
+            use_expert_bias=use_expert_bias,
+            use_gating_bias=use_gating_bias,
+            expert_kernel_initializer_scale=expert_kernel_initializer_scale,
+            gating_kernel_initializer_scale=gating_kernel_initializer_scale,
+            expert_bias_initializer=expert_bias_initializer,
+            gating_bias_initializer=gating_bias_initializer,
+            expert_kernel_regularizer=expert_kernel_regularizer,
+            gating_kernel_regularizer=gating_kernel_regularizer,
+            expert_bias_regularizer=expert_bias_regularizer,
+            gating_bias_regularizer=gating_bias_regularizer,
+            expert_kernel_constraint=expert_kernel_constraint,
+            gating_kernel_constraint=gating_kernel_constraint,
+            expert_bias_constraint=expert_bias_constraint,
+            gating_bias_constraint=gating_bias_constraint,
+            activity_regularizer=activity_regularizer,
             **kwargs,
         )

@@ -6,10 +6,11 @@ from keras import ops
 from keras_moe import routing
 from keras_moe import utils
 from keras_moe.layers.base_moe import BaseMoE
+from keras_moe.routing import router as router_lib
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class DenseMoE(routing.SparseRouter, BaseMoE):
+class DenseMoE(BaseMoE):
     """Densely connected mixture-of-experts layer, usable where `Dense` is.
 
     `y = sum_k g(v_k . x + b_k) * f(W_k x + c_k)`
@@ -34,6 +35,7 @@ class DenseMoE(routing.SparseRouter, BaseMoE):
         expert_activation: Activation of each expert (`None`: linear).
         gating_activation: Activation of the gate logits over the experts
             axis (`None`: linear, as in the original; `"softmax"` is usual).
+            Not used with `top_k`.
         use_expert_bias: Whether experts have a bias vector.
         use_gating_bias: Whether the gates have a bias.
         expert_kernel_initializer_scale: Scale of the experts' uniform
@@ -42,13 +44,19 @@ class DenseMoE(routing.SparseRouter, BaseMoE):
             initialisation, in `+-sqrt(3 * scale / max(1, (fan_in + 1) / 2))`.
         expert_bias_initializer: Initializer of the experts' bias.
         gating_bias_initializer: Initializer of the gating bias.
-        expert_kernel_regularizer, gating_kernel_regularizer,
-        expert_bias_regularizer, gating_bias_regularizer: Regularizers.
-        expert_kernel_constraint, gating_kernel_constraint,
-        expert_bias_constraint, gating_bias_constraint: Constraints.
+        expert_kernel_regularizer: Regularizer of the experts' kernel.
+        gating_kernel_regularizer: Regularizer of the gating kernel.
+        expert_bias_regularizer: Regularizer of the experts' bias.
+        gating_bias_regularizer: Regularizer of the gating bias.
+        expert_kernel_constraint: Constraint of the experts' kernel.
+        gating_kernel_constraint: Constraint of the gating kernel.
+        expert_bias_constraint: Constraint of the experts' bias.
+        gating_bias_constraint: Constraint of the gating bias.
         activity_regularizer: Regularizer of the layer's output.
         top_k: `None` (the soft mixture over all experts, as the original) or
-            an integer from 1 to `n_experts`: sparse top-k routing.
+            an integer from 1 to `n_experts`: sparse top-k routing by a
+            `keras_moe.routing.TopKRouter` sublayer (`router`), which then
+            owns the gating kernel and bias.
         normalize_top_k: With `top_k`: if `True`, the chosen experts' weights
             are the softmax over their logits; if `False`, the full softmax's
             values at the chosen experts.
@@ -82,8 +90,10 @@ class DenseMoE(routing.SparseRouter, BaseMoE):
         order) and `(n_experts, input_dim, units)` with `top_k` (expert-major,
         as `MoEFeedForward`: each expert's matrix is contiguous for the
         per-expert products; `expert_weight_axes()` names the axis);
-        `expert_bias` `(n_experts, units)`, `gating_kernel`
-        `(input_dim, n_experts)`, `gating_bias` `(n_experts,)`.
+        `expert_bias` `(n_experts, units)`; `gating_kernel`
+        `(input_dim, n_experts)` and `gating_bias` `(n_experts,)`, with
+        `top_k` the `router` sublayer's `kernel` and `bias` (plus its
+        `noise_kernel` and routing statistics).
 
     Example:
 
@@ -105,6 +115,23 @@ class DenseMoE(routing.SparseRouter, BaseMoE):
         self,
         units,
         n_experts,
+        expert_activation=None,
+        gating_activation=None,
+        use_expert_bias=True,
+        use_gating_bias=True,
+        expert_kernel_initializer_scale=1.0,
+        gating_kernel_initializer_scale=1.0,
+        expert_bias_initializer="zeros",
+        gating_bias_initializer="zeros",
+        expert_kernel_regularizer=None,
+        gating_kernel_regularizer=None,
+        expert_bias_regularizer=None,
+        gating_bias_regularizer=None,
+        expert_kernel_constraint=None,
+        gating_kernel_constraint=None,
+        expert_bias_constraint=None,
+        gating_bias_constraint=None,
+        activity_regularizer=None,
         top_k=None,
         normalize_top_k=True,
         noisy_gating=False,
@@ -114,18 +141,66 @@ class DenseMoE(routing.SparseRouter, BaseMoE):
         seed=None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
+        super().__init__(
+            expert_activation=expert_activation,
+            gating_activation=gating_activation,
+            use_expert_bias=use_expert_bias,
+            use_gating_bias=use_gating_bias,
+            expert_kernel_initializer_scale=expert_kernel_initializer_scale,
+            gating_kernel_initializer_scale=gating_kernel_initializer_scale,
+            expert_bias_initializer=expert_bias_initializer,
+            gating_bias_initializer=gating_bias_initializer,
+            expert_kernel_regularizer=expert_kernel_regularizer,
+            gating_kernel_regularizer=gating_kernel_regularizer,
+            expert_bias_regularizer=expert_bias_regularizer,
+            gating_bias_regularizer=gating_bias_regularizer,
+            expert_kernel_constraint=expert_kernel_constraint,
+            gating_kernel_constraint=gating_kernel_constraint,
+            expert_bias_constraint=expert_bias_constraint,
+            gating_bias_constraint=gating_bias_constraint,
+            activity_regularizer=activity_regularizer,
+            **kwargs,
+        )
         self.units = utils.check_positive_int("units", units)
         self.n_experts = utils.check_positive_int("n_experts", n_experts)
-        self._init_sparse_router(
-            top_k,
-            normalize_top_k,
-            noisy_gating,
-            capacity_factor,
-            load_balance_weight,
-            router_z_loss_weight,
-            seed,
+        self.top_k = None
+        if top_k is not None:
+            self.top_k = utils.check_positive_int("top_k", top_k)
+            if self.top_k > self.n_experts:
+                raise ValueError(
+                    "`top_k` must be an integer from 1 to `n_experts`. "
+                    f"Received: top_k={top_k}, n_experts={n_experts}"
+                )
+        self.normalize_top_k = utils.check_bool("normalize_top_k", normalize_top_k)
+        self.noisy_gating = utils.check_bool("noisy_gating", noisy_gating)
+        self.capacity_factor = None
+        if capacity_factor is not None:
+            self.capacity_factor = utils.check_positive_float(
+                "capacity_factor", capacity_factor
+            )
+        self.load_balance_weight = utils.check_non_negative_float(
+            "load_balance_weight", load_balance_weight
         )
+        self.router_z_loss_weight = utils.check_non_negative_float(
+            "router_z_loss_weight", router_z_loss_weight
+        )
+        self.seed = None
+        if seed is not None:
+            self.seed = utils.check_positive_int("seed", seed, minimum=0)
+        if self.top_k is None:
+            # The soft mixture over all experts has none of these.
+            for name, value in (
+                ("noisy_gating", self.noisy_gating),
+                ("capacity_factor", self.capacity_factor),
+                ("load_balance_weight", self.load_balance_weight),
+                ("router_z_loss_weight", self.router_z_loss_weight),
+            ):
+                if value:
+                    raise ValueError(
+                        f"`{name}` applies only to sparse routing (an integer "
+                        f"`top_k`). Received: {name}={value!r}, top_k=None"
+                    )
+        self.router = None
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
 
@@ -149,22 +224,53 @@ class DenseMoE(routing.SparseRouter, BaseMoE):
         )
         expert_kernel_shape = [input_dim, self.units]
         expert_kernel_shape.insert(self._expert_axis, self.n_experts)
+        gating_initializer = keras.initializers.RandomUniform(
+            -gating_limit, gating_limit
+        )
+        sparse = self.top_k is not None
+        # With `top_k` the router sublayer owns the gating weights.
         self._add_moe_weights(
             expert_kernel_shape=tuple(expert_kernel_shape),
             expert_kernel_initializer=keras.initializers.RandomUniform(
                 -expert_limit, expert_limit
             ),
-            gating_kernel_shape=(input_dim, self.n_experts),
-            gating_kernel_initializer=keras.initializers.RandomUniform(
-                -gating_limit, gating_limit
-            ),
             expert_bias_shape=(self.n_experts, self.units),
-            gating_bias_shape=(self.n_experts,),
+            gating_kernel_shape=None if sparse else (input_dim, self.n_experts),
+            gating_kernel_initializer=gating_initializer,
+            gating_bias_shape=None if sparse else (self.n_experts,),
         )
-        if self.top_k is not None:
-            self._build_sparse_router(input_dim)
+        if sparse:
+            self.router = routing.TopKRouter(
+                n_experts=self.n_experts,
+                top_k=self.top_k,
+                normalize_top_k=self.normalize_top_k,
+                capacity_factor=self.capacity_factor,
+                noisy_gating=self.noisy_gating,
+                load_balance_weight=self.load_balance_weight,
+                router_z_loss_weight=self.router_z_loss_weight,
+                use_bias=self.use_gating_bias,
+                kernel_initializer=gating_initializer,
+                bias_initializer=self.gating_bias_initializer,
+                kernel_regularizer=self.gating_kernel_regularizer,
+                bias_regularizer=self.gating_bias_regularizer,
+                kernel_constraint=self.gating_kernel_constraint,
+                bias_constraint=self.gating_bias_constraint,
+                seed=self.seed,
+                dtype=self.dtype_policy,
+                name="router",
+            )
+            self.router.build((None, input_dim))
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_dim})
-        self.built = True
+
+    @property
+    def gating_kernel(self):
+        """The gating kernel `(input_dim, n_experts)` (the router's with `top_k`)."""
+        return self._gating_kernel if self.router is None else self.router.kernel
+
+    @property
+    def gating_bias(self):
+        """The gating bias `(n_experts,)`, or `None` without `use_gating_bias`."""
+        return self._gating_bias if self.router is None else self.router.bias
 
     @property
     def _expert_axis(self):
@@ -197,28 +303,77 @@ class DenseMoE(routing.SparseRouter, BaseMoE):
         return self.expert_activation(h)
 
     def call(self, inputs, mask=None, training=None):
-        input_dim = self.gating_kernel.shape[0]
+        inputs = self._to_compute_dtype(inputs)
+        input_dim = self.expert_kernel.shape[1 - self._expert_axis]
         tokens = ops.reshape(inputs, (-1, input_dim))
-        logits = routing.gate_logits(tokens, self.gating_kernel, self.gating_bias)
-        if self.top_k is None:
+        if self.router is None:
+            logits = routing.gate_logits(tokens, self.gating_kernel, self.gating_bias)
             gates = routing.gate_values(logits, self.gating_activation)
             outputs = routing.soft_mixture(self.expert_outputs(tokens), gates)
         else:
             if mask is not None:
-                mask = ops.broadcast_to(mask, ops.shape(inputs)[:-1])
-            outputs = self._sparse_route(
-                tokens, logits, self._sparse_experts, mask, training
+                mask = ops.reshape(
+                    ops.broadcast_to(mask, ops.shape(inputs)[:-1]), (-1,)
+                )
+            weights, experts = self.router(tokens, mask=mask, training=training)
+            outputs = self.router.dispatch(
+                tokens, weights, experts, self._sparse_experts, mask, training
             )
         return ops.reshape(outputs, ops.shape(inputs)[:-1] + (self.units,))
+
+    def _sparse_only(self, name):
+        if self.router is None:
+            raise ValueError(
+                f"`{name}` exists only for sparse routing: a `DenseMoE` with an "
+                "integer `top_k` has a router that keeps routing statistics; the "
+                "soft mixture computes every expert for every input. Received: "
+                "top_k=None" + ("" if self.built else ", built=False")
+            )
+        return self.router
+
+    @property
+    def routing_stats(self):
+        """The router's statistics of the last call (`TopKRouter.routing_stats`)."""
+        return self._sparse_only("routing_stats").routing_stats
+
+    def routing_stats_mean(self):
+        """`TopKRouter.routing_stats_mean` of the router."""
+        return self._sparse_only("routing_stats_mean").routing_stats_mean()
+
+    def reset_routing_stats(self):
+        """`TopKRouter.reset_routing_stats` of the router."""
+        self._sparse_only("reset_routing_stats").reset_routing_stats()
 
     def expert_weight_axes(self):
         """Weight name -> its experts axis (`keras_moe.expert_parallel_layout_map`)."""
         return {"expert_kernel": self._expert_axis, "expert_bias": 0}
 
+    def load_own_variables(self, store):
+        if self.router is None:
+            return super().load_own_variables(store)
+        router = self.router
+        legacy = [self.expert_kernel, router.kernel]
+        legacy += [
+            v
+            for v in (self.expert_bias, router.bias, router.noise_kernel)
+            if v is not None
+        ]
+        legacy += [router.routing_stats_last, router.routing_stats_sum]
+        router_lib.load_own_variables(self, store, legacy)
+
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)[:-1] + (self.units,)
 
     def get_config(self):
-        config = {"units": self.units, "n_experts": self.n_experts}
-        config.update(self._sparse_router_config())
+        config = {
+            "units": self.units,
+            "n_experts": self.n_experts,
+            "top_k": self.top_k,
+            "normalize_top_k": self.normalize_top_k,
+            "noisy_gating": self.noisy_gating,
+            "capacity_factor": self.capacity_factor,
+            "load_balance_weight": self.load_balance_weight,
+            "router_z_loss_weight": self.router_z_loss_weight,
+            "seed": self.seed,
+        }
         return {**super().get_config(), **config}

@@ -3,10 +3,11 @@ from keras import ops
 
 from keras_moe import routing
 from keras_moe import utils
+from keras_moe.routing import router as router_lib
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class MoEFeedForward(routing.SparseRouter, keras.layers.Layer):
+class MoEFeedForward(keras.layers.Layer):
     """Sparse mixture-of-experts transformer feed-forward block.
 
     `y = sum_{j < k} w_j(x) * expert_{e_j(x)}(x)`, where `e_1..e_k` are the
@@ -15,8 +16,9 @@ class MoEFeedForward(routing.SparseRouter, keras.layers.Layer):
     (with biases when `use_bias`). Only the chosen experts run: tokens are
     sorted by expert and each expert multiplies its own tokens
     (`keras_moe.routing`), so compute and memory grow with `top_k`, not with
-    `n_experts`. The router (logits, softmax, top-k weights, losses) runs in
-    float32 under any dtype policy.
+    `n_experts`. The router is a `keras_moe.routing.TopKRouter` sublayer,
+    `router`, created in `build()`; it runs in float32 (logits, softmax,
+    top-k weights, losses) under any dtype policy.
 
     Configured as `activation="silu", gated=True, use_bias=False,
     router_bias=False, top_k=2` it computes what KerasHub's
@@ -46,10 +48,10 @@ class MoEFeedForward(routing.SparseRouter, keras.layers.Layer):
         kernel_initializer: Initializer of the expert kernels.
         bias_initializer: Initializer of the expert biases.
         router_initializer: Initializer of the router kernel.
-        kernel_regularizer, bias_regularizer: Regularizers of the expert
-            kernels and biases.
-        kernel_constraint, bias_constraint: Constraints of the expert kernels
-            and biases.
+        kernel_regularizer: Regularizer of the expert kernels.
+        bias_regularizer: Regularizer of the expert biases.
+        kernel_constraint: Constraint of the expert kernels.
+        bias_constraint: Constraint of the expert biases.
         seed: Optional integer seed of the gating noise.
         **kwargs: Base layer arguments (`name`, `dtype`, ...).
 
@@ -65,12 +67,12 @@ class MoEFeedForward(routing.SparseRouter, keras.layers.Layer):
     Output shape:
         Same as the input.
 
-    Weights (expert axis first): `router_kernel` `(d, E)`, `router_bias`
-    `(E,)`, `expert_up_kernel` `(E, d, m)`, `expert_gate_kernel` `(E, d, m)`
-    (when gated), `expert_down_kernel` `(E, m, d)`, `expert_up_bias`
-    `(E, m)`, `expert_down_bias` `(E, d)`; `router_noise_kernel` `(d, E)`
-    with noisy gating; non-trainable `routing_stats_last` and
-    `routing_stats_sum` (see `routing_stats`).
+    Weights (expert axis first): `expert_up_kernel` `(E, d, m)`,
+    `expert_gate_kernel` `(E, d, m)` (when gated), `expert_down_kernel`
+    `(E, m, d)`, `expert_up_bias` `(E, m)`, `expert_down_bias` `(E, d)`; the
+    `router`'s `kernel` `(d, E)`, `bias` `(E,)` (with `router_bias`),
+    `noise_kernel` `(d, E)` (with noisy gating) and non-trainable
+    `routing_stats_last` and `routing_stats_sum` (see `routing_stats`).
 
     Example:
 
@@ -144,15 +146,29 @@ class MoEFeedForward(routing.SparseRouter, keras.layers.Layer):
             "kernel_constraint", kernel_constraint
         )
         self.bias_constraint = utils.get_constraint("bias_constraint", bias_constraint)
-        self._init_sparse_router(
-            utils.check_positive_int("top_k", top_k),
-            normalize_top_k,
-            noisy_gating,
-            capacity_factor,
-            load_balance_weight,
-            router_z_loss_weight,
-            seed,
+        self.top_k = utils.check_positive_int("top_k", top_k)
+        if self.top_k > self.n_experts:
+            raise ValueError(
+                "`top_k` must be an integer from 1 to `n_experts`. "
+                f"Received: top_k={top_k}, n_experts={n_experts}"
+            )
+        self.normalize_top_k = utils.check_bool("normalize_top_k", normalize_top_k)
+        self.capacity_factor = None
+        if capacity_factor is not None:
+            self.capacity_factor = utils.check_positive_float(
+                "capacity_factor", capacity_factor
+            )
+        self.noisy_gating = utils.check_bool("noisy_gating", noisy_gating)
+        self.load_balance_weight = utils.check_non_negative_float(
+            "load_balance_weight", load_balance_weight
         )
+        self.router_z_loss_weight = utils.check_non_negative_float(
+            "router_z_loss_weight", router_z_loss_weight
+        )
+        self.seed = None
+        if seed is not None:
+            self.seed = utils.check_positive_int("seed", seed, minimum=0)
+        self.router = None
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
 
@@ -164,49 +180,62 @@ class MoEFeedForward(routing.SparseRouter, keras.layers.Layer):
                 f"last axis. Received: input_shape={input_shape}"
             )
         d, m, e = input_shape[-1], self.intermediate_dim, self.n_experts
-        # The router stays in float32 under mixed precision: no autocast.
-        self.router_kernel = self.add_weight(
-            name="router_kernel",
-            shape=(d, e),
-            initializer=self.router_initializer,
-            autocast=False,
+        self.router = routing.TopKRouter(
+            n_experts=e,
+            top_k=self.top_k,
+            normalize_top_k=self.normalize_top_k,
+            capacity_factor=self.capacity_factor,
+            noisy_gating=self.noisy_gating,
+            load_balance_weight=self.load_balance_weight,
+            router_z_loss_weight=self.router_z_loss_weight,
+            use_bias=self.router_bias,
+            kernel_initializer=self.router_initializer,
+            seed=self.seed,
+            dtype=self.dtype_policy,
+            name="router",
         )
-        self.router_bias_weight = None
-        if self.router_bias:
-            self.router_bias_weight = self.add_weight(
-                name="router_bias", shape=(e,), initializer="zeros", autocast=False
-            )
-
-        def kernel(name, shape):
-            return self.add_weight(
-                name=name,
-                shape=shape,
+        self.router.build((None, d))
+        self.expert_up_kernel = self.add_weight(
+            name="expert_up_kernel",
+            shape=(e, d, m),
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+        )
+        self.expert_gate_kernel = None
+        if self.gated:
+            self.expert_gate_kernel = self.add_weight(
+                name="expert_gate_kernel",
+                shape=(e, d, m),
                 initializer=self.kernel_initializer,
                 regularizer=self.kernel_regularizer,
                 constraint=self.kernel_constraint,
             )
-
-        def bias(name, shape):
-            return self.add_weight(
-                name=name,
-                shape=shape,
+        self.expert_down_kernel = self.add_weight(
+            name="expert_down_kernel",
+            shape=(e, m, d),
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+        )
+        self.expert_up_bias = None
+        self.expert_down_bias = None
+        if self.use_bias:
+            self.expert_up_bias = self.add_weight(
+                name="expert_up_bias",
+                shape=(e, m),
                 initializer=self.bias_initializer,
                 regularizer=self.bias_regularizer,
                 constraint=self.bias_constraint,
             )
-
-        self.expert_up_kernel = kernel("expert_up_kernel", (e, d, m))
-        self.expert_gate_kernel = None
-        if self.gated:
-            self.expert_gate_kernel = kernel("expert_gate_kernel", (e, d, m))
-        self.expert_down_kernel = kernel("expert_down_kernel", (e, m, d))
-        self.expert_up_bias = self.expert_down_bias = None
-        if self.use_bias:
-            self.expert_up_bias = bias("expert_up_bias", (e, m))
-            self.expert_down_bias = bias("expert_down_bias", (e, d))
-        self._build_sparse_router(d)
+            self.expert_down_bias = self.add_weight(
+                name="expert_down_bias",
+                shape=(e, d),
+                initializer=self.bias_initializer,
+                regularizer=self.bias_regularizer,
+                constraint=self.bias_constraint,
+            )
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: d})
-        self.built = True
 
     def _experts(self, layout, x):
         """The experts on their gathered rows `x` (see `routing.sparse_mixture`)."""
@@ -223,15 +252,36 @@ class MoEFeedForward(routing.SparseRouter, keras.layers.Layer):
         return y
 
     def call(self, inputs, mask=None, training=None):
-        d = self.router_kernel.shape[0]
+        # Keras autocasts float inputs only; integer ones are computed as floats.
+        inputs = ops.cast(inputs, self.compute_dtype)
+        d = self.expert_up_kernel.shape[1]
         tokens = ops.reshape(inputs, (-1, d))
         if mask is not None:
-            mask = ops.broadcast_to(mask, ops.shape(inputs)[:-1])
-        logits = routing.gate_logits(
-            tokens, self.router_kernel, self.router_bias_weight
+            mask = ops.reshape(ops.broadcast_to(mask, ops.shape(inputs)[:-1]), (-1,))
+        weights, experts = self.router(tokens, mask=mask, training=training)
+        outputs = self.router.dispatch(
+            tokens, weights, experts, self._experts, mask, training
         )
-        outputs = self._sparse_route(tokens, logits, self._experts, mask, training)
         return ops.reshape(outputs, ops.shape(inputs))
+
+    @property
+    def routing_stats(self):
+        """The router's statistics of the last call (`TopKRouter.routing_stats`)."""
+        if self.router is None:
+            raise ValueError(
+                "`MoEFeedForward` has no routing statistics before it is built "
+                "and called. Received: built=False"
+            )
+        return self.router.routing_stats
+
+    def routing_stats_mean(self):
+        """`TopKRouter.routing_stats_mean` of the router (None before a call)."""
+        return None if self.router is None else self.router.routing_stats_mean()
+
+    def reset_routing_stats(self):
+        """`TopKRouter.reset_routing_stats` of the router."""
+        if self.router is not None:
+            self.router.reset_routing_stats()
 
     def expert_weight_axes(self):
         """Weight name -> its experts axis (`keras_moe.expert_parallel_layout_map`)."""
@@ -241,6 +291,15 @@ class MoEFeedForward(routing.SparseRouter, keras.layers.Layer):
         if self.use_bias:
             names += ["expert_up_bias", "expert_down_bias"]
         return {name: 0 for name in names}
+
+    def load_own_variables(self, store):
+        router = self.router
+        legacy = [router.kernel, router.bias, self.expert_up_kernel]
+        legacy += [self.expert_gate_kernel, self.expert_down_kernel]
+        legacy += [self.expert_up_bias, self.expert_down_bias, router.noise_kernel]
+        legacy = [v for v in legacy if v is not None]
+        legacy += [router.routing_stats_last, router.routing_stats_sum]
+        router_lib.load_own_variables(self, store, legacy)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
@@ -260,6 +319,12 @@ class MoEFeedForward(routing.SparseRouter, keras.layers.Layer):
             "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
             "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
             "bias_constraint": keras.constraints.serialize(self.bias_constraint),
-            **self._sparse_router_config(),
+            "top_k": self.top_k,
+            "normalize_top_k": self.normalize_top_k,
+            "capacity_factor": self.capacity_factor,
+            "noisy_gating": self.noisy_gating,
+            "load_balance_weight": self.load_balance_weight,
+            "router_z_loss_weight": self.router_z_loss_weight,
+            "seed": self.seed,
         }
         return {**super().get_config(), **config}

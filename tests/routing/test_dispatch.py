@@ -67,7 +67,16 @@ def random_case(seed, n=23, d=6, m=7, skew=0.0):
 
 
 def run_sparse(
-    x, logits, kernel, bias, k, normalize=True, capacity_factor=None, mask=None
+    x,
+    logits,
+    kernel,
+    bias,
+    k,
+    normalize=True,
+    capacity_factor=None,
+    mask=None,
+    layout="auto",
+    factors=routing.DROPLESS_CAPACITY_FACTORS,
 ):
     weights, experts, _ = routing.top_k_gates(logits, k, normalize)
 
@@ -75,20 +84,26 @@ def run_sparse(
         return ops.tanh(layout.add_bias(layout.matmul(h, kernel), bias))
 
     out, sizes, dropped = routing.sparse_mixture(
-        x, experts, weights, N_EXPERTS, expert_fn, capacity_factor, mask
+        x,
+        experts,
+        weights,
+        N_EXPERTS,
+        expert_fn,
+        capacity_factor,
+        mask,
+        layout=layout,
+        dropless_capacity_factors=factors,
     )
     return to_numpy(out), to_numpy(sizes), float(to_numpy(dropped))
 
 
-def force_dropless_path(request, path):
-    """Forces one of the dropless layouts the keras.ops path can take."""
-    monkeypatch = request.getfixturevalue("monkeypatch")
-    if path == "blocks":
-        monkeypatch.setattr(routing, "DROPLESS_CAPACITY_FACTORS", ())
-        monkeypatch.setattr(routing, "_backend_function", lambda name: None)
-    elif path == "capacity_fast_path":
-        monkeypatch.setattr(routing, "DROPLESS_CAPACITY_FACTORS", (1.0, 1.5))
-        monkeypatch.setattr(routing, "_backend_function", lambda name: None)
+# The dropless layouts the keras.ops path can take: `sparse_mixture` arguments.
+DROPLESS_PATHS = {
+    "default": {},
+    "blocks": {"layout": "blocks"},
+    "capacity_fast_path": {"layout": "capacity", "factors": (1.0, 1.5)},
+    "capacity_then_blocks": {"layout": "capacity", "factors": ()},
+}
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, N_EXPERTS])
@@ -110,12 +125,17 @@ def test_top_k_gates_match_numpy(k, normalize):
         for k in (1, 2, 3, N_EXPERTS)
         for normalize in (True, False)
     ]
-    + [(k, True, path) for k in (1, 3) for path in ("blocks", "capacity_fast_path")],
+    + [
+        (k, True, path)
+        for k in (1, 3)
+        for path in ("blocks", "capacity_fast_path", "capacity_then_blocks")
+    ],
 )
-def test_dropless_mixture_matches_numpy(k, normalize, path, request):
-    force_dropless_path(request, path)
+def test_dropless_mixture_matches_numpy(k, normalize, path):
     x, kernel, bias, logits = random_case(k, skew=1.0)
-    out, sizes, dropped = run_sparse(x, logits, kernel, bias, k, normalize)
+    out, sizes, dropped = run_sparse(
+        x, logits, kernel, bias, k, normalize, **DROPLESS_PATHS[path]
+    )
     weights, experts = np_top_k_gates(logits, k, normalize)
     ref, _ = np_sparse_mixture(x, experts, weights, kernel, bias)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
@@ -123,11 +143,10 @@ def test_dropless_mixture_matches_numpy(k, normalize, path, request):
     assert dropped == 0.0
 
 
-def test_skewed_routing_takes_the_exact_fallback(monkeypatch):
+def test_skewed_routing_takes_the_exact_fallback():
     """Everything to expert 0: no capacity buffer holds it, nothing is dropped."""
-    monkeypatch.setattr(routing, "_backend_function", lambda name: None)
     x, kernel, bias, logits = random_case(3, skew=50.0)
-    out, sizes, dropped = run_sparse(x, logits, kernel, bias, 1)
+    out, sizes, dropped = run_sparse(x, logits, kernel, bias, 1, layout="capacity")
     weights, experts = np_top_k_gates(logits, 1, True)
     assert sizes[0] == len(x)
     ref, _ = np_sparse_mixture(x, experts, weights, kernel, bias)
@@ -138,7 +157,6 @@ def test_under_a_distribution_the_exact_fallback_is_a_full_buffer(monkeypatch):
     """Under a `keras.distribution` the dropless fallback is a capacity buffer
     of `n` slots per expert, never the blocks (whose per-block weight copies
     would move sharded expert weights between devices)."""
-    monkeypatch.setattr(routing, "_backend_function", lambda name: None)
     monkeypatch.setattr(keras.distribution, "distribution", lambda: object())
 
     def no_blocks(*args, **kwargs):
@@ -147,7 +165,7 @@ def test_under_a_distribution_the_exact_fallback_is_a_full_buffer(monkeypatch):
     monkeypatch.setattr(routing.BlockLayout, "__init__", no_blocks)
     for k in (1, 2):
         x, kernel, bias, logits = random_case(3, skew=50.0)
-        out, sizes, dropped = run_sparse(x, logits, kernel, bias, k)
+        out, sizes, dropped = run_sparse(x, logits, kernel, bias, k, layout="capacity")
         weights, experts = np_top_k_gates(logits, k, True)
         assert sizes[0] == len(x)
         ref, _ = np_sparse_mixture(x, experts, weights, kernel, bias)
@@ -174,7 +192,6 @@ def test_grouped_routing_under_a_distribution(k, monkeypatch):
     """Under a distribution with a batch axis of 2, each half of the tokens is
     routed on its own: dropless equals one routing over all tokens, and a
     capacity holds per group (GShard's semantics)."""
-    monkeypatch.setattr(routing, "_backend_function", lambda name: None)
     monkeypatch.setattr(keras.distribution, "distribution", _FakeDistribution)
     constrained = []
 
@@ -192,7 +209,7 @@ def test_grouped_routing_under_a_distribution(k, monkeypatch):
     assert routing.distribution_groups(13) == (1, None)
     x, kernel, bias, logits = random_case(4, n=24, skew=1.0)
     weights, experts = np_top_k_gates(logits, k, True)
-    out, sizes, dropped = run_sparse(x, logits, kernel, bias, k)
+    out, sizes, dropped = run_sparse(x, logits, kernel, bias, k, layout="capacity")
     ref, _ = np_sparse_mixture(x, experts, weights, kernel, bias)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(sizes, np.bincount(experts.ravel(), minlength=5))
@@ -244,12 +261,18 @@ def test_capacity_drops_overflow_like_numpy(capacity_factor, k):
 @pytest.mark.parametrize(
     "capacity_factor, path", [(None, "default"), (None, "blocks"), (1.0, "default")]
 )
-def test_masked_tokens_are_not_dispatched(capacity_factor, path, request):
-    force_dropless_path(request, path)
+def test_masked_tokens_are_not_dispatched(capacity_factor, path):
     x, kernel, bias, logits = random_case(11, skew=1.0)
     mask = np.random.default_rng(0).random(len(x)) > 0.4
     out, sizes, dropped = run_sparse(
-        x, logits, kernel, bias, 2, capacity_factor=capacity_factor, mask=mask
+        x,
+        logits,
+        kernel,
+        bias,
+        2,
+        capacity_factor=capacity_factor,
+        mask=mask,
+        **DROPLESS_PATHS[path],
     )
     weights, experts = np_top_k_gates(logits, 2, True)
     capacity = None
@@ -293,8 +316,8 @@ def test_losses_match_numpy(k, masked):
     _, _, _, logits = random_case(17, skew=0.7)
     mask = np.random.default_rng(1).random(len(logits)) > 0.3 if masked else None
     _, experts, probs = routing.top_k_gates(logits, k)
-    sizes = routing.Assignments(experts, ops.ones(experts.shape), N_EXPERTS, mask)
-    balance = routing.load_balance_loss(probs, sizes.group_sizes, mask)
+    sizes = routing.expert_counts(experts, N_EXPERTS, mask)
+    balance = routing.load_balance_loss(probs, sizes, mask)
     z = routing.router_z_loss(logits, mask)
     assert to_numpy(balance).dtype == np.float32
     assert float(to_numpy(balance)) == pytest.approx(
@@ -383,3 +406,78 @@ def test_key_overflow_is_a_clear_error():
     experts = ops.zeros((2**20, 2), "int32")
     with pytest.raises(ValueError, match="n_experts=1024"):
         routing.Assignments(experts, ops.zeros((2**20, 2)), 1024)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+@pytest.mark.parametrize("path", sorted(DROPLESS_PATHS))
+def test_every_token_masked_drops_nothing(capacity_factor, path):
+    """Nothing routed is nothing dropped: `dropped_fraction` 0, output 0."""
+    x, kernel, bias, logits = random_case(31)
+    mask = np.zeros(len(x), bool)
+    out, sizes, dropped = run_sparse(
+        x,
+        logits,
+        kernel,
+        bias,
+        2,
+        capacity_factor=capacity_factor,
+        mask=mask,
+        **DROPLESS_PATHS[path],
+    )
+    np.testing.assert_array_equal(out, 0.0)
+    np.testing.assert_array_equal(sizes, 0)
+    assert dropped == 0.0
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+@pytest.mark.parametrize("path", sorted(DROPLESS_PATHS))
+def test_an_empty_batch_gives_an_empty_output(capacity_factor, path):
+    x, kernel, bias, logits = random_case(37, n=0)
+    out, sizes, dropped = run_sparse(
+        x,
+        logits,
+        kernel,
+        bias,
+        2,
+        capacity_factor=capacity_factor,
+        **DROPLESS_PATHS[path],
+    )
+    assert out.shape == (0, kernel.shape[-1])
+    np.testing.assert_array_equal(sizes, 0)
+    assert dropped == 0.0
+
+
+def test_losses_and_statistics_of_no_token_are_zero():
+    logits = np.zeros((0, N_EXPERTS), "float32")
+    _, experts, probs = routing.top_k_gates(logits, 2)
+    sizes = routing.expert_counts(experts, N_EXPERTS)
+    for value in (
+        routing.load_balance_loss(probs, sizes),
+        routing.router_z_loss(logits),
+        routing.router_entropy(logits),
+    ):
+        assert float(to_numpy(value)) == 0.0
+    stats = to_numpy(routing.routing_statistics(sizes, 0.0, logits))
+    np.testing.assert_array_equal(stats, 0.0)
+
+
+def test_expert_counts_match_numpy():
+    _, _, _, logits = random_case(41, skew=1.0)
+    _, experts, _ = routing.top_k_gates(logits, 3)
+    mask = np.arange(len(logits)) % 3 > 0
+    counts = to_numpy(routing.expert_counts(experts, N_EXPERTS, mask))
+    ref = np.bincount(to_numpy(experts)[mask].ravel(), minlength=N_EXPERTS)
+    np.testing.assert_array_equal(counts, ref)
+
+
+def test_layout_is_checked():
+    x, kernel, bias, logits = random_case(43)
+    with pytest.raises(ValueError, match="`layout` must be one of"):
+        run_sparse(x, logits, kernel, bias, 2, layout="nope")
+    if routing.dispatch._grouped_matmul() is None:
+        with pytest.raises(ValueError, match="layout='rows'"):
+            run_sparse(x, logits, kernel, bias, 2, layout="rows")
+    else:
+        out, _, _ = run_sparse(x, logits, kernel, bias, 2, layout="rows")
+        ref, _, _ = run_sparse(x, logits, kernel, bias, 2, layout="blocks")
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
