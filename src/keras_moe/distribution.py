@@ -14,11 +14,20 @@ that is creating the variable (the innermost Keras name scope, opened by
 layout on the layer, not on guessed layer names: a renamed or nested keras-moe
 layer is sharded all the same, and a weight called `expert_kernel` in somebody
 else's layer is left alone.
+
+Multi-host runs (one JAX process per host, `keras.distribution.initialize`)
+use the same map; `process_local_data` gives each process its rows of the
+global arrays, batch by batch, so that `fit` on NumPy arrays sees the
+one-device run's batches (see `docs/multi-host.md`).
 """
 
 import keras
+import numpy as np
 from keras.src.backend.common import global_state
 from keras.src.backend.common.name_scope import current_path
+from keras.src.distribution.distribution_lib import Distribution
+
+from keras_moe import utils
 
 # Keras 3.15's distribution API per backend (keras/src/backend/*/distribution_lib.py).
 _UNSUPPORTED_BACKENDS = {
@@ -189,3 +198,152 @@ def expert_parallel_layout_map(mesh, expert_axis="expert", layout_map=None):
     for key in layout_map or ():
         result[key] = layout_map[key]
     return result
+
+
+def _data_shards(distribution):
+    """`(shards, shard)`: how many processes feed different rows of a global
+    batch, and which of them this process is.
+
+    Keras's own rule for a `tf.data.Dataset` under auto-sharding
+    (`Distribution.distribute_tf_dataset`), so both data paths feed the same
+    rows: one shard per process when each process holds whole data-parallel
+    replicas, one per replica when a replica spans processes (the processes
+    of a replica feed the same rows), one in all when the batch is not split.
+    """
+    if distribution.batch_dim_name is None or distribution.num_processes == 1:
+        return 1, 0
+    shards = min(distribution.num_model_replicas, distribution.num_processes)
+    if shards == 1:
+        return 1, 0
+    return shards, distribution.data_shard_id
+
+
+def process_local_data(data, batch_size, distribution=None):
+    """This process's rows of global arrays, for `fit`, `evaluate`, `predict`.
+
+    In a multi-process run (one process per host, after
+    `keras.distribution.initialize()`), Keras builds each global batch from
+    every process's local batch (`jax.make_array_from_process_local_data`):
+    process `p` must feed the rows of the global batch that its devices hold.
+    This takes the global arrays that every process can read (or the same
+    rows of them) and returns, batch by batch, this process's part: global
+    batch `i` is rows `[i * batch_size, (i + 1) * batch_size)` of `data`, of
+    which this process gets its contiguous `batch_size / shards` rows, where
+    `shards` is the number of processes along the mesh's batch axis. Passed to
+    `fit(..., batch_size=local_batch_size, shuffle=False)`, the model sees
+    exactly the batches a one-device `fit(data, batch_size=batch_size,
+    shuffle=False)` sees, and the same batches as a global `tf.data.Dataset`
+    that Keras auto-shards (Keras's own rule decides which process feeds
+    which rows).
+
+    The distribution must be created with `auto_shard_dataset=False`: the
+    rows are already this process's. In a single process (or without a
+    distribution, or with a batch axis of one device) the arrays come back
+    whole.
+
+    Args:
+        data: A NumPy array or a nested structure (tuple, list, dict) of
+            arrays with the same number of rows, e.g. `(x, y)`.
+        batch_size: Global batch size: rows per training step over all
+            processes. It must split evenly over the mesh's batch axis, and
+            so must the last batch (`rows % batch_size`).
+        distribution: The `keras.distribution.Distribution` the model runs
+            under. Defaults to the current one
+            (`keras.distribution.distribution()`).
+
+    Returns:
+        `(local_data, local_batch_size)`: `data`'s structure with this
+        process's rows, and the batch size to pass to `fit`/`evaluate`/
+        `predict`.
+
+    Example:
+
+    ```python
+    keras.distribution.initialize()  # one process per host
+    mesh = keras.distribution.DeviceMesh((2, 4), ["batch", "expert"])
+    distribution = keras.distribution.ModelParallel(
+        layout_map=keras_moe.expert_parallel_layout_map(mesh),
+        batch_dim_name="batch",
+        auto_shard_dataset=False,
+    )
+    (x_local, y_local), local_batch = keras_moe.distribution.process_local_data(
+        (x, y), batch_size=64, distribution=distribution
+    )
+    with distribution.scope():
+        model = build_model()
+        model.compile("adam", "mse")
+        model.fit(x_local, y_local, batch_size=local_batch, shuffle=False)
+    ```
+    """
+    batch_size = utils.check_positive_int("batch_size", batch_size)
+    if distribution is None:
+        distribution = keras.distribution.distribution()
+    leaves = keras.tree.flatten(data)
+    if not leaves:
+        raise ValueError(
+            f"`data` must hold at least one array. Received: data={data!r}"
+        )
+    for leaf in leaves:
+        if not hasattr(leaf, "__array__") or not np.ndim(leaf):
+            shape = getattr(leaf, "shape", None)
+            raise TypeError(
+                "`data` must be NumPy arrays (or a tuple, list or dict of "
+                "them) with a batch axis. A `tf.data.Dataset` needs no "
+                "helper: pass the global, batched dataset to `fit` under a "
+                "distribution with `auto_shard_dataset=True` (the default), "
+                "and Keras gives each process its shard. Received: "
+                f"data containing {type(leaf).__name__}"
+                + ("" if shape is None else f" of shape {shape}")
+            )
+    lengths = {len(leaf) for leaf in leaves}
+    if len(lengths) > 1:
+        raise ValueError(
+            "`data` must hold arrays with the same number of rows. Received: "
+            f"data with shapes {[tuple(np.shape(leaf)) for leaf in leaves]}"
+        )
+    if distribution is None:
+        return data, batch_size
+    if not isinstance(distribution, Distribution):
+        raise TypeError(
+            "`distribution` must be a `keras.distribution` distribution "
+            "(`ModelParallel`, `DataParallel`) or None. "
+            f"Received: distribution={distribution!r} of type "
+            f"{type(distribution).__name__}"
+        )
+    check_backend()
+    if distribution.num_processes > 1 and distribution.auto_shard_dataset:
+        raise ValueError(
+            "`process_local_data` gives each process its own rows, so the "
+            "distribution must not shard them again: create it with "
+            "`auto_shard_dataset=False` (or feed a global `tf.data.Dataset` "
+            "and keep auto-sharding). NumPy arrays cannot be auto-sharded "
+            "across processes. Received: "
+            f"auto_shard_dataset={distribution.auto_shard_dataset!r}, "
+            f"num_processes={distribution.num_processes}"
+        )
+    shards, shard = _data_shards(distribution)
+    if shards == 1:
+        return data, batch_size
+    (rows,) = lengths
+    full, last = divmod(rows, batch_size)
+    groups = distribution.num_model_replicas
+    if batch_size % groups or last % groups:
+        raise ValueError(
+            "`batch_size` and the last batch must split evenly over the "
+            f"mesh's batch axis ({groups} data-parallel groups, fed by "
+            f"{shards} processes); pick a batch size that divides the "
+            "number of rows, or drop the last rows. Received: "
+            f"batch_size={batch_size}, rows={rows} (last batch {last} rows), "
+            f"batch axis={groups}, shards={shards}"
+        )
+    local_batch = batch_size // shards
+    local_last = last // shards
+    index = (
+        np.arange(full)[:, None] * batch_size
+        + shard * local_batch
+        + np.arange(local_batch)
+    ).ravel()
+    index = np.concatenate(
+        [index, full * batch_size + shard * local_last + np.arange(local_last)]
+    )
+    return keras.tree.map_structure(lambda a: np.asarray(a)[index], data), local_batch

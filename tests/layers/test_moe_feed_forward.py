@@ -8,6 +8,7 @@ import pytest
 from keras.src import testing
 
 from keras_moe import MoEFeedForward
+from tests.conftest import skip_or_fail
 from tests.conftest import to_numpy
 
 D, M, E = 8, 12, 4
@@ -129,8 +130,8 @@ def test_matches_numpy_reference(kwargs, activation):
 def test_equals_keras_hub_mixtral_block():
     try:
         from keras_hub.src.models.mixtral.mixtral_decoder import MixtralSparseMoeBlock
-    except ImportError:
-        pytest.skip("keras_hub is not importable")
+    except ImportError as error:
+        skip_or_fail(f"keras_hub is not importable ({error})")
     x = np.random.default_rng(2).normal(size=(2, 7, D)).astype("float32")
     mixtral = MixtralSparseMoeBlock(D, M, E, top_k=2)
     expected, _ = mixtral(x)
