@@ -88,5 +88,7 @@ def main(argv=None):
     try:
         args.run(args)
     except ExperimentError as error:
-        args.parser.error(str(error))  # one line and exit status 2, as argparse's
+        # What failed, in one line, with argparse's prefix and exit status;
+        # no traceback and no usage (the arguments were well formed).
+        args.parser.exit(2, f"{args.parser.prog}: error: {error}\n")
     return 0

@@ -44,6 +44,9 @@ def fast_path(name):
 
 
 def __getattr__(name):
+    if name.startswith("__"):
+        # Python's own protocols (doctest, inspect, pickle) probe for these.
+        raise AttributeError(name)
     try:
         return getattr(_impl, name)
     except AttributeError:
