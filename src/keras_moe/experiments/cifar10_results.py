@@ -6,7 +6,6 @@ module turns the finished runs of an output folder into `results.json`,
 epoch and Welch comparisons of the last epoch.
 """
 
-
 import numpy as np
 
 from keras_moe.experiments import common
@@ -160,31 +159,6 @@ def results_table(results):
     )
 
 
-def comparisons_table(results):
-    rows = [
-        [
-            f"`{c['a']}` − `{c['b']}`",
-            f"{100 * c['difference']:+.2f}",
-            f"[{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}]"
-            if c["ci95"] is not None
-            else "n/a",
-            f"{c['p_value']:.3g}" if c["p_value"] is not None else "n/a",
-            f"{c['n_a']} / {c['n_b']}",
-        ]
-        for c in results.get("comparisons", [])
-    ]
-    return common.markdown_table(
-        [
-            "difference, last epoch",
-            "points",
-            "95% CI (Welch)",
-            "Welch's t-test p",
-            "runs",
-        ],
-        rows,
-    )
-
-
 def epochs_table(results):
     models = results["models"]
     epochs = max((len(m["val_accuracy_mean"]) for m in models.values()), default=0)
@@ -219,7 +193,7 @@ def summary(results):
         text += (
             "Differences of the last epoch's test accuracy (percentage points; "
             "a 95% confidence interval and p-value need 2 runs of each model):"
-            f"\n\n{comparisons_table(results)}\n\n"
+            f"\n\n{common.comparisons_table(results['comparisons'])}\n\n"
         )
     text += (
         "Test accuracy per epoch, mean ± s.e. over the runs:\n\n"

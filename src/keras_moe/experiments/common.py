@@ -85,6 +85,32 @@ def welch(a, b, name_a, name_b):
     return result
 
 
+def comparisons_table(comparisons):
+    """Markdown table of `welch` results, in percentage points."""
+    rows = [
+        [
+            f"`{c['a']}` − `{c['b']}`",
+            f"{100 * c['difference']:+.2f}",
+            f"[{100 * c['ci95'][0]:+.2f}, {100 * c['ci95'][1]:+.2f}]"
+            if c["ci95"] is not None
+            else "n/a",
+            f"{c['p_value']:.3g}" if c["p_value"] is not None else "n/a",
+            f"{c['n_a']} / {c['n_b']}",
+        ]
+        for c in comparisons
+    ]
+    return markdown_table(
+        [
+            "difference, last epoch",
+            "points",
+            "95% CI (Welch)",
+            "Welch's t-test p",
+            "runs",
+        ],
+        rows,
+    )
+
+
 def command_line(argv=None):
     """The command as a user would type it: `keras-moe <subcommand> ...`."""
     argv = sys.argv[1:] if argv is None else argv

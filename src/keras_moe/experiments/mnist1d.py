@@ -148,6 +148,19 @@ def run(args):
             "fit_seconds": wall,
             "history": histories,
         }
+    names = list(results["models"])
+    pairs = [(name, "cnn") for name in names if name != "cnn"]
+    pairs += [("moe-pooled", "moe")]
+    results["comparisons"] = [
+        common.welch(
+            results["models"][a]["test_accuracy_runs"],
+            results["models"][b]["test_accuracy_runs"],
+            a,
+            b,
+        )
+        for a, b in pairs
+        if a in results["models"] and b in results["models"]
+    ]
     paths = [
         common.write_json(out, results),
         plot(results, out / "mnist1d_test_accuracy.png"),
@@ -196,6 +209,14 @@ def summary(results):
     for label, accuracy in PAPER.items():
         rows.append([f"{label} (paper)", "", f"{100 * accuracy:.0f}%"])
     table = common.markdown_table(["model", "parameters", "test accuracy"], rows)
+    comparisons = ""
+    if results.get("comparisons"):
+        comparisons = (
+            "Differences of the last epoch's test accuracy (percentage points, "
+            "Welch's 95% confidence interval and t-test over the runs):\n\n"
+            + common.comparisons_table(results["comparisons"])
+            + "\n\n"
+        )
     return (
         "# MNIST-1D: CNN against Conv1DMoE\n\n"
         f"`{results['command']}`\n\n"
@@ -204,5 +225,5 @@ def summary(results):
         f"{results['settings']['batch_size']}, Adam lr "
         f"{results['settings']['learning_rate']:g}, {repeats} run(s) per model; "
         "test accuracy after the last epoch (mean ± s.e. over runs).\n\n"
-        f"{table}\n\n![test accuracy](mnist1d_test_accuracy.png)\n"
+        f"{table}\n\n{comparisons}![test accuracy](mnist1d_test_accuracy.png)\n"
     )
