@@ -9,7 +9,8 @@
 - `DimMajorTopKDenseMoE`: `DenseMoE(top_k=...)` with the soft mixture's
   `(d, e, u)` kernel (the sparse layout before it became expert-major).
 - `GatedFeedForward`: a dense gated feed-forward `down(silu(x Wg) * (x Wu))`,
-  the roofline of a top-k `MoEFeedForward` when given `k * m` units.
+  the roofline of a top-k `MoEFeedForward` when given `k * m` units and 2-D
+  `(tokens, d)` inputs (`cases.roofline`).
 - `cifar10_cnn`, `cifar10_moe`: the original CIFAR-10 networks.
 """
 

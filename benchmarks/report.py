@@ -43,9 +43,6 @@ def markdown(results):
     for per_backend in results["cases"].values():
         any_result = next(iter(per_backend.values()))
         lines += [f"## {any_result['title']}", ""]
-        if "skipped" in any_result:
-            lines += [f"Skipped: {any_result['skipped']}", ""]
-            continue
         backends = [b for b in BACKENDS if b in per_backend]
         modes = any_result["modes"]
         header = ["variant"]

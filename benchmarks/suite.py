@@ -38,15 +38,6 @@ def run_backend(names=None, tiny=False, repeats=None, modes=None, log=None):
         summary = {"title": case["title"], "targets": case.get("targets", [])}
         if log:
             log(f"[{backend}] {name}: {case['title']}")
-        if "skipped" in case:
-            out[name] = {
-                **summary,
-                "skipped": case["skipped"],
-                "modes": list(case_modes),
-            }
-            if log:
-                log(f"  skipped: {case['skipped']}")
-            continue
         keras.backend.clear_session()
         start = time.perf_counter()
         result = harness.compare(

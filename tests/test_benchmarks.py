@@ -13,7 +13,6 @@ import pytest
 from benchmarks import cases
 from benchmarks import formulations
 from benchmarks import harness
-from benchmarks import native_grouped_matmul as native
 from benchmarks import report
 from benchmarks import soft_mixing
 from benchmarks import suite
@@ -55,8 +54,6 @@ def tiny_results():
 @pytest.mark.parametrize("name", list(cases.CASES))
 def test_every_case_builds_and_its_variants_agree_on_shapes(name):
     case = cases.CASES[name](cases.TINY)
-    if "skipped" in case:
-        pytest.skip(case["skipped"])
     names = [v.name for v in case["variants"]]
     assert case["baseline"] in names
     assert len(set(names)) == len(names)
@@ -78,11 +75,93 @@ def test_every_case_builds_and_its_variants_agree_on_shapes(name):
     assert len(shapes) == 1, shapes
 
 
+# The cases whose roofline is a matmul: it must run on 2-D `(tokens, d)` inputs.
+MATMUL_ROOFLINES = ["dense_soft", "dense_topk", "moe_feed_forward"]
+_CONVS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+
+
+def _expert_flops(layer, n_tokens):
+    """FLOPs of the experts a token is routed to (2 per multiply-add)."""
+    kernels = [v for v in layer.trainable_variables if v.name.startswith("expert_")]
+    kernels = [v for v in kernels if v.name.endswith("kernel")]
+    assert kernels, layer
+    size = sum(int(np.prod(v.shape)) for v in kernels)
+    active = (layer.top_k or layer.n_experts) / layer.n_experts
+    return 2 * n_tokens * size * active
+
+
+def _dot_generals(jaxpr):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, list | tuple) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _dot_generals(inner)
+
+
+def _dot_flops(eqn):
+    lhs, rhs = (v.aval.shape for v in eqn.invars)
+    (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
+    kept = [n for i, n in enumerate(rhs) if i not in (*rhs_contract, *rhs_batch)]
+    return 2 * int(np.prod(lhs)) * int(np.prod(kept))
+
+
+def _jax_dots(layer, inputs, backward):
+    import jax
+
+    trainable = [v.value for v in layer.trainable_variables]
+
+    def forward(tv):
+        return layer.stateless_call(tv, [], inputs)[0]
+
+    def objective(tv):
+        return keras.ops.mean(keras.ops.square(forward(tv)))
+
+    function = jax.grad(objective) if backward else forward
+    return list(_dot_generals(jax.make_jaxpr(function)(trainable).jaxpr))
+
+
+@pytest.mark.parametrize("name", MATMUL_ROOFLINES)
+def test_matmul_roofline_is_2d_tokens_with_the_active_flops_of_the_layer(name):
+    case = cases.CASES[name](cases.TINY)
+    variants = {v.name: v for v in case["variants"]}
+    (target,) = [t for t in case["targets"] if t["over"] == "roofline"]
+    layer, x = variants[target["variant"]].build()
+    roofline, flat = variants["roofline"].build()
+    n_tokens = int(np.prod(x.shape[:-1]))
+    assert flat.shape == (n_tokens, x.shape[-1])
+    np.testing.assert_array_equal(flat, x.reshape(flat.shape))
+    layer(x)
+    roofline(flat)
+    expected = _expert_flops(layer, n_tokens)
+    kernels = [v for v in roofline.trainable_variables if len(v.shape) == 2]
+    assert 2 * n_tokens * sum(int(np.prod(v.shape)) for v in kernels) == expected
+    if BACKEND == "jax":  # what the compiled program multiplies
+        forward = _jax_dots(roofline, flat, backward=False)
+        assert sum(_dot_flops(eqn) for eqn in forward) == expected
+        for eqn in _jax_dots(roofline, flat, backward=True):
+            assert [len(v.aval.shape) for v in eqn.invars] == [2, 2], eqn
+    if "keras_ffn_3d" in variants:  # the user's FFN keeps the layer's input
+        _, user_inputs = variants["keras_ffn_3d"].build()
+        assert user_inputs.shape == x.shape and x.ndim == 3
+
+
+def test_every_other_roofline_is_a_convolution_of_the_layers_input():
+    for name, build_case in cases.CASES.items():
+        case = build_case(cases.TINY)
+        variants = {v.name: v for v in case.get("variants", [])}
+        if name in MATMUL_ROOFLINES or "roofline" not in variants:
+            continue
+        roofline, inputs = variants["roofline"].build()
+        assert isinstance(roofline, _CONVS), name
+        assert inputs is variants["keras_moe"].build()[1], name
+
+
 def test_timed_cases_run_every_variant(tiny_results):
     assert set(tiny_results) == set(TIMED_CASES)
     for name, result in tiny_results.items():
-        if "skipped" in result:
-            continue
         assert result["backend"] == BACKEND
         assert result["variants"], name
         for variant, entry in result["variants"].items():
@@ -296,75 +375,4 @@ def test_soft_mixing_variants_compute_the_layer_and_are_all_timed(capsys):
     for entry in result["variants"].values():
         for mode in ("forward", "forward_backward"):
             assert entry[mode]["ratio"] > 0
-    assert "forward_backward" in capsys.readouterr().out
-
-
-def _grouped_reference(x, kernel, ends):
-    y = np.zeros((x.shape[0], kernel.shape[2]), np.float32)
-    start = 0
-    for expert, end in enumerate(ends):
-        y[start:end] = x[start:end] @ kernel[expert]
-        start = end
-    return y
-
-
-def test_native_grouped_matmul_matches_numpy_and_the_layer(capsys):
-    tiny = ["--repeats", "1", "--min-sample-s", "0", "--size", "8,4,3,4,2"]
-    if BACKEND != "jax":
-        # An XLA:CPU custom call: elsewhere a clear error, not a skip.
-        with pytest.raises(RuntimeError, match=f"KERAS_BACKEND='{BACKEND}'"):
-            native.main(tiny)
-        return
-    import jax
-
-    rng = np.random.default_rng(5)
-    # Uneven groups, two empty, and two trailing rows outside every group.
-    sizes = np.array([3, 0, 5, 1, 0, 7])
-    rows = int(sizes.sum()) + 2
-    ends = np.cumsum(sizes).astype("int32")
-    x = rng.standard_normal((rows, 6)).astype("float32")
-    kernel = rng.standard_normal((6, 6, 4)).astype("float32")
-    dy = rng.standard_normal((rows, 4)).astype("float32")
-    got = jax.jit(native.native_grouped_matmul)(x, kernel, ends)
-    np.testing.assert_allclose(
-        np.asarray(got), _grouped_reference(x, kernel, ends), rtol=1e-5, atol=1e-5
-    )
-
-    def objective(function):
-        return lambda x, kernel: (function(x, kernel, ends) * dy).sum()
-
-    def reference(x, kernel, ends):
-        expert = np.searchsorted(ends, np.arange(rows), side="right")
-        chosen = kernel[np.minimum(expert, len(ends) - 1)]
-        y = jax.numpy.einsum("rd,rdm->rm", x, chosen)
-        return jax.numpy.where((expert < len(ends))[:, None], y, 0.0)
-
-    grads = jax.jit(jax.grad(objective(native.native_grouped_matmul), (0, 1)))
-    expected = jax.grad(objective(reference), (0, 1))(x, kernel)
-    for g, e in zip(grads(x, kernel), expected):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-5)
-    with pytest.raises(TypeError, match="x.dtype=float16"):
-        native.native_grouped_matmul(x.astype("float16"), kernel, ends)
-
-    tokens = rng.standard_normal((16, 6)).astype("float32")
-    shipped = keras_moe.DenseMoE(5, 4, top_k=2, **native.MOE)
-    layer = native.NativeDenseMoE(5, 4, top_k=2, **native.MOE)
-    shipped(tokens), layer(tokens)
-    layer.set_weights(shipped.get_weights())
-    np.testing.assert_allclose(
-        to_numpy(layer(tokens)), to_numpy(shipped(tokens)), rtol=1e-5, atol=1e-6
-    )
-
-    result = native.main(tiny)
-    assert set(result) == {"kernel", "layer"}
-    assert set(result["layer"]["variants"]) == {
-        "dense",
-        "shipped",
-        "native",
-        "ideal_kernel",
-        "routing_only",
-    }
-    for comparison in result.values():
-        for entry in comparison["variants"].values():
-            assert entry["forward_backward"]["ratio"] > 0
     assert "forward_backward" in capsys.readouterr().out
