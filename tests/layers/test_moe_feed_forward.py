@@ -1,6 +1,8 @@
-"""MoEFeedForward: Keras's layer harness, a NumPy reference, KerasHub's Mixtral
-block, losses, masking, gradients, mixed precision, fit under jit_compile,
-save/load and bad arguments."""
+"""MoEFeedForward: Keras's layer harness, a NumPy reference (every option: the
+router's order of operations and dtype, jitter, the router's own normalised
+input, fused and clamped gated experts, biases, output scales, the shared
+expert), KerasHub's Mixtral block, losses, masking, gradients, mixed precision,
+fit under jit_compile, save/load and bad arguments."""
 
 import keras
 import numpy as np
@@ -34,32 +36,94 @@ def relative_path(variable):
     return variable.path.split("/", 1)[1]
 
 
-def reference(layer, x, activation):
+def np_gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def np_sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def np_top_k(logits, layer):
+    """The chosen experts and their weights, as the layer's options say."""
+    k = layer.top_k
+    if layer.softmax_before_top_k:
+        probs = np_softmax(logits)
+        experts = np.argsort(-probs, kind="stable")[:k]
+        gates = probs[experts]
+        return experts, gates / gates.sum() if layer.normalize_top_k else gates
+    experts = np.argsort(-logits, kind="stable")[:k]
+    if layer.normalize_top_k:
+        return experts, np_softmax(logits[experts])
+    return experts, np_softmax(logits)[experts]
+
+
+def reference(layer, x, activation, router_x=None):
     """Loop over tokens and their top-k experts (float64)."""
     w = {relative_path(v): to_numpy(v).astype("float64") for v in layer.weights}
+    m = layer.intermediate_dim
     tokens = x.reshape(-1, x.shape[-1]).astype("float64")
-    logits = tokens @ w["router/kernel"]
+    r = tokens if router_x is None else router_x.reshape(tokens.shape)
+    if layer.router_input_norm:
+        rms = np.sqrt(np.mean(r**2, axis=-1, keepdims=True) + layer.router_norm_epsilon)
+        r = r / rms / np.sqrt(r.shape[-1]) * w["router_input_scale"]
+    logits = r @ w["router/kernel"]
     if "router/bias" in w:
         logits = logits + w["router/bias"]
+
+    def glu(gate, up):
+        if layer.swiglu_limit is not None:
+            limit, alpha = layer.swiglu_limit, layer.swiglu_alpha
+            gate = np.minimum(gate, limit)
+            up = np.clip(up, -limit, limit)
+            return (up + 1) * gate * np_sigmoid(alpha * gate)
+        return activation(gate) * up
+
     out = np.zeros_like(tokens)
     for t, z in enumerate(logits):
-        experts = np.argsort(-z, kind="stable")[: layer.top_k]
-        if layer.normalize_top_k:
-            gates = np_softmax(z[experts])
-        else:
-            gates = np_softmax(z)[experts]
+        experts, gates = np_top_k(z, layer)
         for g, e in zip(gates, experts):
-            h = tokens[t] @ w["expert_up_kernel"][e]
-            if layer.use_bias:
-                h = h + w["expert_up_bias"][e]
-            if layer.gated:
-                h = activation(tokens[t] @ w["expert_gate_kernel"][e]) * h
+            if layer.gate_up_layout == "separate":
+                h = tokens[t] @ w["expert_up_kernel"][e]
+                if layer.use_bias:
+                    h = h + w["expert_up_bias"][e]
+                if layer.gated:
+                    gate = tokens[t] @ w["expert_gate_kernel"][e]
+                    if layer.gate_bias:
+                        gate = gate + w["expert_gate_bias"][e]
+                    h = glu(gate, h)
+                else:
+                    h = activation(h)
             else:
-                h = activation(h)
+                h = tokens[t] @ w["expert_gate_up_kernel"][e]
+                if layer.use_bias:
+                    h = h + w["expert_gate_up_bias"][e]
+                if layer.gate_up_layout == "concatenated":
+                    h = glu(h[:m], h[m:])
+                else:
+                    h = glu(h[::2], h[1::2])
             y = h @ w["expert_down_kernel"][e]
             if layer.use_bias:
                 y = y + w["expert_down_bias"][e]
+            if layer.expert_output_scale:
+                y = y * w["expert_scale"][e]
             out[t] += g * y
+    if layer.shared_intermediate_dim is not None:
+
+        def dense(name, inputs):
+            y = inputs @ w[f"{name}/kernel"]
+            return y + w[f"{name}/bias"] if f"{name}/bias" in w else y
+
+        h = dense("shared_expert/up", tokens)
+        h = (
+            glu(dense("shared_expert/gate", tokens), h)
+            if layer.gated
+            else activation(h)
+        )
+        y = dense("shared_expert/down", h)
+        if layer.shared_expert_gate:
+            y = y * np_sigmoid(dense("shared_expert/output_gate_dense", tokens))
+        out += y
     return out.reshape(x.shape)
 
 
@@ -107,6 +171,41 @@ class MoEFeedForwardLayerTest(testing.TestCase):
             supports_masking=True,
         )
 
+    def test_layer_harness_model_options(self):
+        # Every option of the published models' blocks at once: fused gated
+        # experts, output scales, the router's own normalised input in the
+        # compute dtype, jitter and a gated shared expert.
+        self.run_layer_test(
+            MoEFeedForward,
+            init_kwargs={
+                "intermediate_dim": 6,
+                "n_experts": 3,
+                "top_k": 2,
+                "gated": True,
+                "gate_up_layout": "interleaved",
+                "swiglu_limit": 7.0,
+                "router_bias": True,
+                "router_dtype": "compute",
+                "softmax_before_top_k": True,
+                "router_jitter_noise": 0.1,
+                "router_input_norm": True,
+                "activation_dtype": "float32",
+                "expert_output_scale": True,
+                "shared_intermediate_dim": 5,
+                "shared_expert_gate": True,
+                "seed": 2,
+            },
+            input_shape=(2, 3, 4),
+            expected_output_shape=(2, 3, 4),
+            # router kernel and bias, gate/up and down kernels and biases,
+            # the scales, shared up/gate/down kernels and biases, its gate.
+            expected_num_trainable_weights=15,
+            expected_num_non_trainable_weights=2,
+            expected_num_seed_generators=1,
+            expected_num_losses=0,
+            supports_masking=True,
+        )
+
 
 @pytest.mark.parametrize(
     "kwargs, activation",
@@ -115,6 +214,65 @@ class MoEFeedForwardLayerTest(testing.TestCase):
         ({"top_k": 1, "normalize_top_k": False, "router_bias": True}, np_gelu),
         ({"top_k": 3, "gated": True, "activation": "silu"}, np_silu),
         ({"top_k": E, "use_bias": False, "activation": "silu"}, np_silu),
+        # Mixtral's block: softmax, top-k, renormalised; SiLU in float32.
+        (
+            {
+                "gated": True,
+                "activation": "silu",
+                "use_bias": False,
+                "softmax_before_top_k": True,
+                "activation_dtype": "float32",
+            },
+            np_silu,
+        ),
+        # Qwen MoE's: concatenated gate|up, top-k of the softmax without
+        # renormalising, a shared expert behind a sigmoid gate.
+        (
+            {
+                "top_k": 3,
+                "gated": True,
+                "activation": "silu",
+                "use_bias": False,
+                "gate_up_layout": "concatenated",
+                "softmax_before_top_k": True,
+                "normalize_top_k": False,
+                "shared_intermediate_dim": 7,
+                "shared_expert_gate": True,
+            },
+            np_silu,
+        ),
+        # GPT-OSS's: interleaved gate/up with biases, a router bias, the
+        # clamped SwiGLU (a small limit, so that the clamps act).
+        (
+            {
+                "gated": True,
+                "gate_up_layout": "interleaved",
+                "router_bias": True,
+                "swiglu_limit": 0.5,
+                "swiglu_alpha": 1.702,
+            },
+            None,
+        ),
+        # Gemma 4's experts: tanh-GELU in float32, per-expert output scales;
+        # the router's own normalised input (here the layer's input).
+        (
+            {
+                "gated": True,
+                "use_bias": False,
+                "activation": "gelu_tanh",
+                "activation_dtype": "float32",
+                "expert_output_scale": True,
+                "router_input_norm": True,
+                "softmax_before_top_k": True,
+            },
+            np_gelu_tanh,
+        ),
+        # A gate bias with separate kernels; an ungated shared expert.
+        (
+            {"gated": True, "gate_bias": True, "shared_intermediate_dim": 5},
+            np_gelu,
+        ),
+        ({"shared_intermediate_dim": 5}, np_gelu),
     ],
 )
 def test_matches_numpy_reference(kwargs, activation):
@@ -286,6 +444,30 @@ def test_fit_jit_compile_statistics_and_save_load(tmp_path, capacity_factor):
         ({"gated": 1}, TypeError, "`gated` must be a bool"),
         ({"activation": "nope"}, ValueError, "`activation`.*Received"),
         ({"seed": -1}, ValueError, "`seed`.*Received"),
+        ({"router_dtype": "float16"}, ValueError, "`router_dtype` must be one of"),
+        ({"softmax_before_top_k": 1}, TypeError, "`softmax_before_top_k` must be"),
+        ({"router_jitter_noise": 1.5}, ValueError, "`router_jitter_noise`.*0 to 1"),
+        ({"router_norm_epsilon": 0.0}, ValueError, "`router_norm_epsilon`"),
+        ({"gate_up_layout": "fused"}, ValueError, "`gate_up_layout` must be one"),
+        (
+            {"gate_up_layout": "interleaved"},
+            ValueError,
+            "`gate_up_layout` applies to gated experts only.*gated=False",
+        ),
+        ({"swiglu_limit": 7.0}, ValueError, "`swiglu_limit` applies to gated"),
+        ({"gated": True, "swiglu_limit": -1.0}, ValueError, "`swiglu_limit`"),
+        (
+            {"gated": True, "gate_up_layout": "concatenated", "gate_bias": True},
+            ValueError,
+            "`gate_bias`.*Received: gate_bias=True",
+        ),
+        ({"activation_dtype": "bfloat16"}, ValueError, "`activation_dtype` must"),
+        ({"shared_intermediate_dim": 0}, ValueError, "`shared_intermediate_dim`"),
+        (
+            {"shared_expert_gate": True},
+            ValueError,
+            "`shared_expert_gate`.*shared_intermediate_dim=None",
+        ),
     ],
 )
 def test_bad_arguments(kwargs, error, match):

@@ -70,6 +70,9 @@ class DenseMoE(BaseMoE):
         router_z_loss_weight: With `top_k`: weight of the router z-loss
             `mean(logsumexp(z)^2)`, added in training.
         seed: Optional integer seed of the gating noise.
+        router_dtype: With `top_k`: `"float32"` (the default) or
+            `"compute"`, the dtype the router computes its logits and weights
+            in (`keras_moe.routing.TopKRouter`).
         **kwargs: Base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -139,6 +142,7 @@ class DenseMoE(BaseMoE):
         load_balance_weight=0.0,
         router_z_loss_weight=0.0,
         seed=None,
+        router_dtype="float32",
         **kwargs,
     ):
         super().__init__(
@@ -187,6 +191,9 @@ class DenseMoE(BaseMoE):
         self.seed = None
         if seed is not None:
             self.seed = utils.check_positive_int("seed", seed, minimum=0)
+        self.router_dtype = utils.check_choice(
+            "router_dtype", router_dtype, routing.gates.ROUTER_DTYPES
+        )
         if self.top_k is None:
             # The soft mixture over all experts has none of these.
             for name, value in (
@@ -194,6 +201,10 @@ class DenseMoE(BaseMoE):
                 ("capacity_factor", self.capacity_factor),
                 ("load_balance_weight", self.load_balance_weight),
                 ("router_z_loss_weight", self.router_z_loss_weight),
+                (
+                    "router_dtype",
+                    None if self.router_dtype == "float32" else self.router_dtype,
+                ),
             ):
                 if value:
                     raise ValueError(
@@ -256,6 +267,7 @@ class DenseMoE(BaseMoE):
                 kernel_constraint=self.gating_kernel_constraint,
                 bias_constraint=self.gating_bias_constraint,
                 seed=self.seed,
+                router_dtype=self.router_dtype,
                 dtype=self.dtype_policy,
                 name="router",
             )
@@ -375,5 +387,6 @@ class DenseMoE(BaseMoE):
             "load_balance_weight": self.load_balance_weight,
             "router_z_loss_weight": self.router_z_loss_weight,
             "seed": self.seed,
+            "router_dtype": self.router_dtype,
         }
         return {**super().get_config(), **config}

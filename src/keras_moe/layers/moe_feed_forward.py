@@ -3,11 +3,15 @@ from keras import ops
 
 from keras_moe import routing
 from keras_moe import utils
+from keras_moe.layers import expert_functions
+from keras_moe.layers.base_feed_forward import BaseFeedForwardExperts
+from keras_moe.layers.shared_expert import SharedExpert
+from keras_moe.routing import gates
 from keras_moe.routing import router as router_lib
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class MoEFeedForward(keras.layers.Layer):
+class MoEFeedForward(BaseFeedForwardExperts):
     """Sparse mixture-of-experts transformer feed-forward block.
 
     `y = sum_{j < k} w_j(x) * expert_{e_j(x)}(x)`, where `e_1..e_k` are the
@@ -18,17 +22,34 @@ class MoEFeedForward(keras.layers.Layer):
     (`keras_moe.routing`), so compute and memory grow with `top_k`, not with
     `n_experts`. The router is a `keras_moe.routing.TopKRouter` sublayer,
     `router`, created in `build()`; it runs in float32 (logits, softmax,
-    top-k weights, losses) under any dtype policy.
+    top-k weights, losses) under any dtype policy, unless
+    `router_dtype="compute"`.
 
-    Configured as `activation="silu", gated=True, use_bias=False,
-    router_bias=False, top_k=2` it computes what KerasHub's
-    `MixtralSparseMoeBlock` computes with the same weights.
+    The options after `seed` reproduce the MoE blocks of published models
+    (defaults: none of them):
+
+    - Mixtral: `activation="silu", gated=True, use_bias=False,
+      activation_dtype="float32", softmax_before_top_k=True` (and
+      `router_jitter_noise`).
+    - Qwen1.5/2-MoE and Qwen3.5-MoE: `gate_up_layout="concatenated"`, a shared
+      expert (`shared_intermediate_dim`) behind a sigmoid gate
+      (`shared_expert_gate=True`); Qwen3-MoE without the shared expert.
+      `normalize_top_k` is their `norm_top_k_prob`.
+    - GPT-OSS: `gate_up_layout="interleaved"`, `use_bias=True`,
+      `router_bias=True`, `swiglu_limit=7.0` (the clamped SwiGLU
+      `(clip(up, -7, 7) + 1) * g * sigmoid(1.702 * g)`, `g = min(gate, 7)`).
+    - Gemma 4: `activation="gelu_tanh"`, `activation_dtype="float32"`,
+      `expert_output_scale=True`, `router_input_norm=True` with the raw
+      hidden states as `router_inputs`.
+
+    `keras_moe.kerashub.sparsify` runs KerasHub's blocks with these experts.
 
     Args:
         intermediate_dim: Positive integer, hidden size `m` of each expert.
         n_experts: Positive integer, number of experts `E`.
         top_k: Integer from 1 to `n_experts`, experts per token.
-        activation: Activation of the hidden layer (`"gelu"`).
+        activation: Activation of the hidden layer (`"gelu"`), a Keras
+            activation or `"gelu_tanh"` (GELU's tanh approximation).
         gated: Whether each expert is a gated linear unit (GLU).
         use_bias: Whether the experts have biases.
         router_bias: Whether the router has a bias.
@@ -52,14 +73,57 @@ class MoEFeedForward(keras.layers.Layer):
         bias_regularizer: Regularizer of the expert biases.
         kernel_constraint: Constraint of the expert kernels.
         bias_constraint: Constraint of the expert biases.
-        seed: Optional integer seed of the gating noise.
+        seed: Optional integer seed of the gating noise and the jitter.
+        router_dtype: `"float32"` (the default, stable under mixed
+            precision) or `"compute"` (as models that route in their compute
+            dtype, e.g. KerasHub's): the dtype of the router's logits, softmax
+            and top-k weights (`routing.TopKRouter`).
+        softmax_before_top_k: `False`, the softmax over the top-k logits
+            (GPT-OSS); `True`, the top-k of the full softmax, renormalised
+            with `normalize_top_k` (Mixtral, Qwen, Gemma 4): the same
+            weights, rounded differently in low precision.
+        router_jitter_noise: Non-negative float `eps`: in training the inputs
+            are multiplied by uniform noise from `[1 - eps, 1 + eps]` before
+            the router and the experts see them (Mixtral's
+            `router_jitter_noise`).
+        router_input_norm: Whether the router sees its inputs RMS-normalised,
+            divided by `sqrt(d)` and scaled by a learned per-feature vector
+            `router_input_scale` (initialised to ones), as Gemma 4's router.
+        router_norm_epsilon: Epsilon of that RMS normalisation.
+        gate_up_layout: `"separate"` (`expert_gate_kernel`,
+            `expert_up_kernel`), or one fused `expert_gate_up_kernel`
+            `(E, d, 2m)`, gate columns first (`"concatenated"`, Qwen MoE) or
+            alternating with up's (`"interleaved"`, GPT-OSS).
+        gate_bias: With `gated`, `use_bias` and the separate layout: a gate
+            bias `expert_gate_bias` too (a fused layout's bias covers it).
+        activation_dtype: `None` (the compute dtype) or `"float32"`, the
+            dtype the activation runs in (as KerasHub's Mixtral, Qwen3.5-MoE
+            and Gemma 4 experts, and PyTorch's SiLU and GELU).
+        swiglu_limit: `None`, or `L` for GPT-OSS's clamped SwiGLU (with
+            `gated`, instead of `act(gate) * up`, `activation` unused):
+            `(clip(up, -L, L) + 1) * g * sigmoid(swiglu_alpha * g)`,
+            `g = min(gate, L)` (`L` = 7.0 in GPT-OSS).
+        swiglu_alpha: The clamped SwiGLU's `alpha` (1.702 in GPT-OSS).
+        expert_output_scale: Whether each expert's output is multiplied by a
+            learned scale `expert_scale` `(E,)` (initialised to ones), as
+            Gemma 4's `per_expert_scale`.
+        shared_intermediate_dim: `None`, or the hidden size of a shared
+            expert every token runs through besides its routed ones (Qwen
+            MoE): a `SharedExpert` sublayer `shared_expert` with the routed
+            experts' `activation`, `gated`, `use_bias` and activation options.
+        shared_expert_gate: With a shared expert: whether its output is
+            multiplied by `sigmoid(x . g)` (Qwen MoE's shared expert gate).
         **kwargs: Base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
         inputs: Tensor of shape `(..., d)`.
         mask: Optional boolean mask of shape `(...)`: masked tokens are not
-            routed (their output is zero) and count in no loss or statistic.
-        training: Python bool: losses and noise only when `True`.
+            routed (their output is zero, the shared expert's included) and
+            count in no loss or statistic.
+        training: Python bool: losses, noise and jitter only when `True`.
+        router_inputs: Optional tensor of the shape of `inputs` that the
+            router sees instead of them (Gemma 4 routes the hidden states
+            and runs the experts on their normalisation).
 
     Input shape:
         N-D tensor `(batch_size, ..., d)`, N >= 2.
@@ -69,10 +133,15 @@ class MoEFeedForward(keras.layers.Layer):
 
     Weights (expert axis first): `expert_up_kernel` `(E, d, m)`,
     `expert_gate_kernel` `(E, d, m)` (when gated), `expert_down_kernel`
-    `(E, m, d)`, `expert_up_bias` `(E, m)`, `expert_down_bias` `(E, d)`; the
-    `router`'s `kernel` `(d, E)`, `bias` `(E,)` (with `router_bias`),
-    `noise_kernel` `(d, E)` (with noisy gating) and non-trainable
-    `routing_stats_last` and `routing_stats_sum` (see `routing_stats`).
+    `(E, m, d)`, `expert_up_bias` `(E, m)`, `expert_down_bias` `(E, d)`; with
+    a fused `gate_up_layout`, `expert_gate_up_kernel` `(E, d, 2m)` and
+    `expert_gate_up_bias` `(E, 2m)` instead of the gate's and up's;
+    `expert_gate_bias` `(E, m)` with `gate_bias`, `expert_scale` `(E,)` with
+    `expert_output_scale`, `router_input_scale` `(d,)` with
+    `router_input_norm`; the `router`'s `kernel` `(d, E)`, `bias` `(E,)`
+    (with `router_bias`), `noise_kernel` `(d, E)` (with noisy gating) and
+    non-trainable `routing_stats_last` and `routing_stats_sum` (see
+    `routing_stats`); the `shared_expert`'s.
 
     Example:
 
@@ -92,6 +161,7 @@ class MoEFeedForward(keras.layers.Layer):
           Expert Models", 2022.
         - Gale et al., "MegaBlocks: Efficient Sparse Training with
           Mixture-of-Experts", MLSys 2023.
+        - Jiang et al., "Mixtral of Experts", 2024.
     """
 
     def __init__(
@@ -116,36 +186,45 @@ class MoEFeedForward(keras.layers.Layer):
         kernel_constraint=None,
         bias_constraint=None,
         seed=None,
+        router_dtype="float32",
+        softmax_before_top_k=False,
+        router_jitter_noise=0.0,
+        router_input_norm=False,
+        router_norm_epsilon=1e-6,
+        gate_up_layout="separate",
+        gate_bias=False,
+        activation_dtype=None,
+        swiglu_limit=None,
+        swiglu_alpha=1.702,
+        expert_output_scale=False,
+        shared_intermediate_dim=None,
+        shared_expert_gate=False,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.intermediate_dim = utils.check_positive_int(
-            "intermediate_dim", intermediate_dim
+        super().__init__(
+            intermediate_dim=intermediate_dim,
+            n_experts=n_experts,
+            activation=activation,
+            gated=gated,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            gate_up_layout=gate_up_layout,
+            gate_bias=gate_bias,
+            activation_dtype=activation_dtype,
+            swiglu_limit=swiglu_limit,
+            swiglu_alpha=swiglu_alpha,
+            expert_output_scale=expert_output_scale,
+            **kwargs,
         )
-        self.n_experts = utils.check_positive_int("n_experts", n_experts)
-        self.activation = utils.get_activation("activation", activation)
-        self.gated = utils.check_bool("gated", gated)
-        self.use_bias = utils.check_bool("use_bias", use_bias)
         self.router_bias = utils.check_bool("router_bias", router_bias)
-        self.kernel_initializer = utils.get_initializer(
-            "kernel_initializer", kernel_initializer
-        )
-        self.bias_initializer = utils.get_initializer(
-            "bias_initializer", bias_initializer
-        )
         self.router_initializer = utils.get_initializer(
             "router_initializer", router_initializer
         )
-        self.kernel_regularizer = utils.get_regularizer(
-            "kernel_regularizer", kernel_regularizer
-        )
-        self.bias_regularizer = utils.get_regularizer(
-            "bias_regularizer", bias_regularizer
-        )
-        self.kernel_constraint = utils.get_constraint(
-            "kernel_constraint", kernel_constraint
-        )
-        self.bias_constraint = utils.get_constraint("bias_constraint", bias_constraint)
         self.top_k = utils.check_positive_int("top_k", top_k)
         if self.top_k > self.n_experts:
             raise ValueError(
@@ -168,7 +247,44 @@ class MoEFeedForward(keras.layers.Layer):
         self.seed = None
         if seed is not None:
             self.seed = utils.check_positive_int("seed", seed, minimum=0)
+        self.router_dtype = utils.check_choice(
+            "router_dtype", router_dtype, gates.ROUTER_DTYPES
+        )
+        self.softmax_before_top_k = utils.check_bool(
+            "softmax_before_top_k", softmax_before_top_k
+        )
+        self.router_jitter_noise = utils.check_non_negative_float(
+            "router_jitter_noise", router_jitter_noise
+        )
+        if self.router_jitter_noise >= 1.0:
+            raise ValueError(
+                "`router_jitter_noise` must be a number from 0 to 1 (the noise "
+                "factors lie in [1 - eps, 1 + eps]). "
+                f"Received: router_jitter_noise={router_jitter_noise!r}"
+            )
+        self.router_input_norm = utils.check_bool(
+            "router_input_norm", router_input_norm
+        )
+        self.router_norm_epsilon = utils.check_positive_float(
+            "router_norm_epsilon", router_norm_epsilon
+        )
+        self.shared_intermediate_dim = utils.check_optional_positive_int(
+            "shared_intermediate_dim", shared_intermediate_dim
+        )
+        self.shared_expert_gate = utils.check_bool(
+            "shared_expert_gate", shared_expert_gate
+        )
+        if self.shared_expert_gate and self.shared_intermediate_dim is None:
+            raise ValueError(
+                "`shared_expert_gate` gates the shared expert: it needs "
+                "`shared_intermediate_dim`. Received: shared_expert_gate=True, "
+                "shared_intermediate_dim=None"
+            )
+        self.seed_generator = None
+        if self.router_jitter_noise:
+            self.seed_generator = keras.random.SeedGenerator(self.seed)
         self.router = None
+        self.shared_expert = None
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
 
@@ -179,9 +295,9 @@ class MoEFeedForward(keras.layers.Layer):
                 "`MoEFeedForward` expects an input of rank >= 2 with a defined "
                 f"last axis. Received: input_shape={input_shape}"
             )
-        d, m, e = input_shape[-1], self.intermediate_dim, self.n_experts
+        d = input_shape[-1]
         self.router = routing.TopKRouter(
-            n_experts=e,
+            n_experts=self.n_experts,
             top_k=self.top_k,
             normalize_top_k=self.normalize_top_k,
             capacity_factor=self.capacity_factor,
@@ -191,77 +307,78 @@ class MoEFeedForward(keras.layers.Layer):
             use_bias=self.router_bias,
             kernel_initializer=self.router_initializer,
             seed=self.seed,
+            softmax_before_top_k=self.softmax_before_top_k,
+            router_dtype=self.router_dtype,
             dtype=self.dtype_policy,
             name="router",
         )
         self.router.build((None, d))
-        self.expert_up_kernel = self.add_weight(
-            name="expert_up_kernel",
-            shape=(e, d, m),
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-            constraint=self.kernel_constraint,
-        )
-        self.expert_gate_kernel = None
-        if self.gated:
-            self.expert_gate_kernel = self.add_weight(
-                name="expert_gate_kernel",
-                shape=(e, d, m),
-                initializer=self.kernel_initializer,
-                regularizer=self.kernel_regularizer,
-                constraint=self.kernel_constraint,
+        self.build_experts(d)
+        self.router_input_scale = None
+        if self.router_input_norm:
+            self.router_input_scale = self.add_weight(
+                name="router_input_scale", shape=(d,), initializer="ones"
             )
-        self.expert_down_kernel = self.add_weight(
-            name="expert_down_kernel",
-            shape=(e, m, d),
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-            constraint=self.kernel_constraint,
-        )
-        self.expert_up_bias = None
-        self.expert_down_bias = None
-        if self.use_bias:
-            self.expert_up_bias = self.add_weight(
-                name="expert_up_bias",
-                shape=(e, m),
-                initializer=self.bias_initializer,
-                regularizer=self.bias_regularizer,
-                constraint=self.bias_constraint,
+        if self.shared_intermediate_dim is not None:
+            self.shared_expert = SharedExpert(
+                self.shared_intermediate_dim,
+                activation=self.activation,
+                gated=self.gated,
+                use_bias=self.use_bias,
+                output_gate=self.shared_expert_gate,
+                activation_dtype=self.activation_dtype,
+                swiglu_limit=self.swiglu_limit,
+                swiglu_alpha=self.swiglu_alpha,
+                kernel_initializer=self.kernel_initializer,
+                bias_initializer=self.bias_initializer,
+                kernel_regularizer=self.kernel_regularizer,
+                bias_regularizer=self.bias_regularizer,
+                kernel_constraint=self.kernel_constraint,
+                bias_constraint=self.bias_constraint,
+                dtype=self.dtype_policy,
+                name="shared_expert",
             )
-            self.expert_down_bias = self.add_weight(
-                name="expert_down_bias",
-                shape=(e, d),
-                initializer=self.bias_initializer,
-                regularizer=self.bias_regularizer,
-                constraint=self.bias_constraint,
-            )
+            self.shared_expert.build((None, d))
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: d})
 
-    def _experts(self, layout, x):
-        """The experts on their gathered rows `x` (see `routing.sparse_mixture`)."""
-        h = layout.matmul(x, self.expert_up_kernel)
-        if self.expert_up_bias is not None:
-            h = layout.add_bias(h, self.expert_up_bias)
-        if self.gated:
-            h = self.activation(layout.matmul(x, self.expert_gate_kernel)) * h
-        else:
-            h = self.activation(h)
-        y = layout.matmul(h, self.expert_down_kernel)
-        if self.expert_down_bias is not None:
-            y = layout.add_bias(y, self.expert_down_bias)
-        return y
-
-    def call(self, inputs, mask=None, training=None):
+    def call(self, inputs, mask=None, training=None, router_inputs=None):
         # Keras autocasts float inputs only; integer ones are computed as floats.
         inputs = ops.cast(inputs, self.compute_dtype)
-        d = self.expert_up_kernel.shape[1]
+        d = self.expert_down_kernel.shape[-1]
         tokens = ops.reshape(inputs, (-1, d))
+        router_tokens = tokens
+        if router_inputs is not None:
+            router_tokens = ops.reshape(
+                ops.cast(router_inputs, self.compute_dtype), (-1, d)
+            )
         if mask is not None:
             mask = ops.reshape(ops.broadcast_to(mask, ops.shape(inputs)[:-1]), (-1,))
-        weights, experts = self.router(tokens, mask=mask, training=training)
+        if training and self.router_jitter_noise:
+            eps = self.router_jitter_noise
+            noise = keras.random.uniform(
+                ops.shape(tokens),
+                minval=1.0 - eps,
+                maxval=1.0 + eps,
+                dtype=tokens.dtype,
+                seed=self.seed_generator,
+            )
+            tokens = tokens * noise
+            if router_inputs is None:
+                router_tokens = tokens
+        if self.router_input_scale is not None:
+            router_tokens = expert_functions.normalized_router_inputs(
+                router_tokens, self.router_input_scale, self.router_norm_epsilon
+            )
+        weights, experts = self.router(router_tokens, mask=mask, training=training)
+        weights = self.scale_weights(weights, experts)
         outputs = self.router.dispatch(
-            tokens, weights, experts, self._experts, mask, training
+            tokens, weights, experts, self.run_experts, mask, training
         )
+        if self.shared_expert is not None:
+            shared = self.shared_expert(tokens)
+            if mask is not None:
+                shared = ops.where(ops.expand_dims(mask, -1), shared, 0)
+            outputs = outputs + ops.cast(shared, outputs.dtype)
         return ops.reshape(outputs, ops.shape(inputs))
 
     @property
@@ -283,15 +400,6 @@ class MoEFeedForward(keras.layers.Layer):
         if self.router is not None:
             self.router.reset_routing_stats()
 
-    def expert_weight_axes(self):
-        """Weight name -> its experts axis (`keras_moe.expert_parallel_layout_map`)."""
-        names = ["expert_up_kernel", "expert_down_kernel"]
-        if self.gated:
-            names.append("expert_gate_kernel")
-        if self.use_bias:
-            names += ["expert_up_bias", "expert_down_bias"]
-        return {name: 0 for name in names}
-
     def load_own_variables(self, store):
         router = self.router
         legacy = [router.kernel, router.bias, self.expert_up_kernel]
@@ -306,19 +414,8 @@ class MoEFeedForward(keras.layers.Layer):
 
     def get_config(self):
         config = {
-            "intermediate_dim": self.intermediate_dim,
-            "n_experts": self.n_experts,
-            "activation": keras.activations.serialize(self.activation),
-            "gated": self.gated,
-            "use_bias": self.use_bias,
             "router_bias": self.router_bias,
-            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
             "router_initializer": keras.initializers.serialize(self.router_initializer),
-            "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
-            "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
-            "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
-            "bias_constraint": keras.constraints.serialize(self.bias_constraint),
             "top_k": self.top_k,
             "normalize_top_k": self.normalize_top_k,
             "capacity_factor": self.capacity_factor,
@@ -326,5 +423,12 @@ class MoEFeedForward(keras.layers.Layer):
             "load_balance_weight": self.load_balance_weight,
             "router_z_loss_weight": self.router_z_loss_weight,
             "seed": self.seed,
+            "router_dtype": self.router_dtype,
+            "softmax_before_top_k": self.softmax_before_top_k,
+            "router_jitter_noise": self.router_jitter_noise,
+            "router_input_norm": self.router_input_norm,
+            "router_norm_epsilon": self.router_norm_epsilon,
+            "shared_intermediate_dim": self.shared_intermediate_dim,
+            "shared_expert_gate": self.shared_expert_gate,
         }
         return {**super().get_config(), **config}

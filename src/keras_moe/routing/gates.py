@@ -1,8 +1,10 @@
 """Gates: router logits, gate values, the soft mixtures and top-k selection.
 
 Router arithmetic (logits, activations, top-k weights) runs in float32
-whatever the layer's dtype policy; mixed outputs are cast back to the
-experts' compute dtype.
+whatever the layer's dtype policy (unless a router is asked to compute in
+its layer's compute dtype, `router_dtype="compute"`, to reproduce a model
+that routes in it); mixed outputs are cast back to the experts' compute
+dtype.
 
 Einsum legend: `n` tokens (flattened leading axes), `e` experts, `u` units.
 """
@@ -11,6 +13,15 @@ import keras
 from keras import ops
 
 from keras_moe import backend
+
+# The values of the routers' `router_dtype` argument.
+ROUTER_DTYPES = ("float32", "compute")
+
+
+def router_dtype_of(router_dtype, compute_dtype):
+    """The dtype a router computes in: `"float32"`, or with `"compute"` the
+    layer's `compute_dtype`."""
+    return compute_dtype if router_dtype == "compute" else "float32"
 
 
 def gate_logits(inputs, kernel, bias=None, dtype="float32"):
@@ -80,17 +91,27 @@ def soft_mixture_per_filter(expert_outputs, gates):
     return ops.sum(expert_outputs * gates, axis=-1)
 
 
-def top_k_gates(logits, top_k, normalize_top_k=True):
+def top_k_gates(logits, top_k, normalize_top_k=True, softmax_before_top_k=False):
     """Top-k selection over the gate logits and the chosen experts' weights.
 
     With `normalize_top_k=True` the weights are the softmax over the `top_k`
     chosen logits (they sum to one); with `False` they are the full softmax's
     values at the chosen experts. The arithmetic runs in the logits' dtype.
 
+    `softmax_before_top_k` picks the order of the operations, not the math:
+    `False` (the default) takes the top-k of the logits, then the softmax over
+    them (GPT-OSS); `True` takes the softmax over all experts, then its top-k,
+    then (with `normalize_top_k`) divides them by their sum (Mixtral, Qwen MoE,
+    Gemma 4). Both give the same weights in exact arithmetic; in float16 or
+    bfloat16 they round differently, and the top-k of the rounded
+    probabilities can break a tie that the logits do not have, so a model is
+    reproduced bit for bit only in its own order.
+
     Args:
         logits: `(n, e)` gate logits.
         top_k: Python int, experts per token.
         normalize_top_k: Python bool.
+        softmax_before_top_k: Python bool.
 
     Returns:
         `(weights, experts, probs)`: `(n, top_k)` weights, `(n, top_k)` int32
@@ -98,6 +119,12 @@ def top_k_gates(logits, top_k, normalize_top_k=True):
         and last in the logits' dtype.
     """
     probs = ops.softmax(logits, axis=-1)
+    if softmax_before_top_k:
+        weights, experts = ops.top_k(probs, top_k)
+        experts = ops.cast(experts, "int32")
+        if normalize_top_k:
+            weights = weights / ops.sum(weights, axis=-1, keepdims=True)
+        return weights, experts, probs
     top_logits, experts = ops.top_k(logits, top_k)
     experts = ops.cast(experts, "int32")
     if normalize_top_k and top_k == 1:

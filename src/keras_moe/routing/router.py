@@ -6,8 +6,10 @@ from keras import ops
 from keras_moe import utils
 from keras_moe.routing.dispatch import DROPLESS_CAPACITY_FACTORS
 from keras_moe.routing.dispatch import sparse_mixture
+from keras_moe.routing.gates import ROUTER_DTYPES
 from keras_moe.routing.gates import gate_logits
 from keras_moe.routing.gates import noisy_logits
+from keras_moe.routing.gates import router_dtype_of
 from keras_moe.routing.gates import top_k_gates
 from keras_moe.routing.losses import expert_counts
 from keras_moe.routing.losses import load_balance_loss
@@ -19,7 +21,8 @@ from keras_moe.routing.losses import routing_statistics
 class TopKRouter(keras.layers.Layer):
     """Token-choice top-k router: logits, top-k, balancing losses, statistics.
 
-    `z = x . W_r (+ b_r)` in float32; each token picks the `top_k` experts of
+    `z = x . W_r (+ b_r)` in float32 (or, with `router_dtype="compute"`, in
+    the layer's compute dtype); each token picks the `top_k` experts of
     largest `z` with weights `softmax` over the chosen logits
     (`normalize_top_k=True`) or the full softmax's values at them. In
     training it adds the load-balancing loss `E * sum_i f_i * P_i` (`f_i`
@@ -63,6 +66,19 @@ class TopKRouter(keras.layers.Layer):
         kernel_constraint: Constraint of the router kernel.
         bias_constraint: Constraint of the router bias.
         seed: Optional integer seed of the gating noise.
+        softmax_before_top_k: The order of the operations
+            (`routing.top_k_gates`): `False`, the softmax over the top-k
+            logits; `True`, the top-k of the full softmax, divided by their
+            sum with `normalize_top_k` (as Mixtral and Qwen MoE compute it).
+            The same weights, rounded differently in low precision.
+        router_dtype: `"float32"` (the default) or `"compute"`: the dtype
+            of the logits, the softmax and the top-k weights. Float32 keeps
+            the routing stable in mixed-precision training; `"compute"`
+            (bfloat16 under `"mixed_bfloat16"`) reproduces a model that routes
+            in its compute dtype, as KerasHub's MoE models do: a float32
+            router picks other experts than such a model for the tokens whose
+            logits bfloat16 rounds into another order. The losses and
+            statistics are float32 either way.
         **kwargs: Base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -72,8 +88,9 @@ class TopKRouter(keras.layers.Layer):
         training: Python bool: losses and noise only when `True`.
 
     Returns:
-        `(weights, experts)`: `(tokens, top_k)` float32 weights and int32
-        expert indices, best first.
+        `(weights, experts)`: `(tokens, top_k)` weights (float32, or the
+        compute dtype with `router_dtype="compute"`) and int32 expert
+        indices, best first.
 
     Input shape:
         2D tensor `(tokens, d)`.
@@ -117,6 +134,8 @@ class TopKRouter(keras.layers.Layer):
         kernel_constraint=None,
         bias_constraint=None,
         seed=None,
+        softmax_before_top_k=False,
+        router_dtype="float32",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -128,6 +147,12 @@ class TopKRouter(keras.layers.Layer):
                 f"Received: top_k={top_k}, n_experts={n_experts}"
             )
         self.normalize_top_k = utils.check_bool("normalize_top_k", normalize_top_k)
+        self.softmax_before_top_k = utils.check_bool(
+            "softmax_before_top_k", softmax_before_top_k
+        )
+        self.router_dtype = utils.check_choice(
+            "router_dtype", router_dtype, ROUTER_DTYPES
+        )
         self.capacity_factor = None
         if capacity_factor is not None:
             self.capacity_factor = utils.check_positive_float(
@@ -222,9 +247,16 @@ class TopKRouter(keras.layers.Layer):
         )
         self.input_spec = keras.layers.InputSpec(ndim=2, axes={-1: input_dim})
 
+    @property
+    def logits_dtype(self):
+        """The dtype of the logits and weights: float32, or the compute dtype
+        with `router_dtype="compute"`."""
+        return router_dtype_of(self.router_dtype, self.compute_dtype)
+
     def logits(self, inputs, training=None):
-        """Float32 router logits `(tokens, E)`, with the noise in training."""
-        logits = gate_logits(inputs, self.kernel, self.bias)
+        """Router logits `(tokens, E)` in `logits_dtype`, with the noise in
+        training."""
+        logits = gate_logits(inputs, self.kernel, self.bias, dtype=self.logits_dtype)
         if self.noisy_gating and training:
             logits = noisy_logits(
                 logits, inputs, self.noise_kernel, self.seed_generator
@@ -235,7 +267,9 @@ class TopKRouter(keras.layers.Layer):
         if mask is not None:
             mask = ops.reshape(mask, (-1,))
         logits = self.logits(inputs, training=training)
-        weights, experts, probs = top_k_gates(logits, self.top_k, self.normalize_top_k)
+        weights, experts, probs = top_k_gates(
+            logits, self.top_k, self.normalize_top_k, self.softmax_before_top_k
+        )
         counts = expert_counts(experts, self.n_experts, mask)
         if training:
             if self.load_balance_weight:
@@ -339,7 +373,7 @@ class TopKRouter(keras.layers.Layer):
     def compute_output_spec(self, inputs, mask=None, training=None):
         shape = (inputs.shape[0], self.top_k)
         return (
-            keras.KerasTensor(shape, "float32"),
+            keras.KerasTensor(shape, self.logits_dtype),
             keras.KerasTensor(shape, "int32"),
         )
 
@@ -348,6 +382,8 @@ class TopKRouter(keras.layers.Layer):
             "n_experts": self.n_experts,
             "top_k": self.top_k,
             "normalize_top_k": self.normalize_top_k,
+            "softmax_before_top_k": self.softmax_before_top_k,
+            "router_dtype": self.router_dtype,
             "capacity_factor": self.capacity_factor,
             "noisy_gating": self.noisy_gating,
             "load_balance_weight": self.load_balance_weight,

@@ -1,0 +1,177 @@
+"""MoEFeedForward's options for the published models' blocks, beyond the
+NumPy-reference cases of test_moe_feed_forward.py: the router's own
+normalised input, jitter, the shared expert under a mask, `gelu_tanh`, fused
+weights, `router_dtype` (also on DenseMoE)."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_moe import MoEFeedForward
+from tests.conftest import to_numpy
+from tests.layers.test_moe_feed_forward import D
+from tests.layers.test_moe_feed_forward import E
+from tests.layers.test_moe_feed_forward import M
+from tests.layers.test_moe_feed_forward import np_gelu
+from tests.layers.test_moe_feed_forward import np_gelu_tanh
+from tests.layers.test_moe_feed_forward import randomize
+from tests.layers.test_moe_feed_forward import reference
+from tests.layers.test_moe_feed_forward import relative_path
+
+
+def test_router_inputs_and_their_normalisation():
+    # Gemma 4 routes the hidden states and runs the experts on their norm.
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(2, 5, D)).astype("float32")
+    hidden = rng.normal(size=(2, 5, D)).astype("float32") * 3.0
+    layer = MoEFeedForward(
+        M, E, gated=True, router_input_norm=True, router_norm_epsilon=1e-3
+    )
+    layer.build(x.shape)
+    randomize(layer)
+    np.testing.assert_allclose(
+        to_numpy(layer(x, router_inputs=hidden)),
+        reference(layer, x, np_gelu, router_x=hidden),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
+def test_router_jitter_noise_in_training_only():
+    x = np.random.default_rng(12).normal(size=(3, 4, D)).astype("float32")
+    layer = MoEFeedForward(M, E, router_jitter_noise=0.2, seed=5)
+    layer.build(x.shape)
+    randomize(layer)
+    np.testing.assert_allclose(
+        to_numpy(layer(x)), reference(layer, x, np_gelu), rtol=1e-4, atol=1e-4
+    )
+    y = to_numpy(layer(x, training=True))
+    # The layer's first draw: a fresh generator of the same seed.
+    noise = keras.random.uniform(
+        (12, D), minval=0.8, maxval=1.2, seed=keras.random.SeedGenerator(5)
+    )
+    noisy = x * to_numpy(noise).reshape(x.shape)
+    assert np.all(np.abs(to_numpy(noise) - 1.0) <= 0.2 + 1e-6)
+    np.testing.assert_allclose(
+        y, reference(layer, noisy, np_gelu), rtol=1e-4, atol=1e-4
+    )
+    assert not np.allclose(y, to_numpy(layer(x, training=True)))  # fresh noise
+
+
+def test_masked_tokens_get_no_shared_expert_either():
+    x = np.random.default_rng(13).normal(size=(2, 3, D)).astype("float32")
+    mask = np.array([[1, 1, 0], [1, 0, 0]], bool)
+    layer = MoEFeedForward(M, E, shared_intermediate_dim=5, shared_expert_gate=True)
+    y = to_numpy(layer(x, mask=mask))
+    assert np.all(y[~mask] == 0.0)
+    np.testing.assert_allclose(y[mask], to_numpy(layer(x))[mask], rtol=1e-5, atol=1e-6)
+
+
+def test_gelu_tanh_serialises():
+    layer = MoEFeedForward(M, E, activation="gelu_tanh")
+    restored = MoEFeedForward.from_config(layer.get_config())
+    z = np.linspace(-3, 3, 7).astype("float32")
+    np.testing.assert_allclose(
+        to_numpy(restored.activation(z)), np_gelu_tanh(z), rtol=1e-5, atol=1e-6
+    )
+    assert restored.get_config() == layer.get_config()
+
+
+def test_fused_weight_names_and_expert_axes():
+    layer = MoEFeedForward(
+        M,
+        E,
+        gated=True,
+        gate_up_layout="concatenated",
+        expert_output_scale=True,
+        router_input_norm=True,
+        shared_intermediate_dim=5,
+        shared_expert_gate=True,
+    )
+    layer.build((None, D))
+    shapes = {relative_path(v): tuple(v.shape) for v in layer.trainable_weights}
+    assert shapes == {
+        "router/kernel": (D, E),
+        "expert_gate_up_kernel": (E, D, 2 * M),
+        "expert_down_kernel": (E, M, D),
+        "expert_gate_up_bias": (E, 2 * M),
+        "expert_down_bias": (E, D),
+        "expert_scale": (E,),
+        "router_input_scale": (D,),
+        "shared_expert/up/kernel": (D, 5),
+        "shared_expert/up/bias": (5,),
+        "shared_expert/gate/kernel": (D, 5),
+        "shared_expert/gate/bias": (5,),
+        "shared_expert/down/kernel": (5, D),
+        "shared_expert/down/bias": (D,),
+        "shared_expert/output_gate_dense/kernel": (D, 1),
+    }
+    expert_weights = {
+        "expert_gate_up_kernel",
+        "expert_down_kernel",
+        "expert_gate_up_bias",
+        "expert_down_bias",
+        "expert_scale",
+    }
+    assert layer.expert_weight_axes() == {name: 0 for name in expert_weights}
+
+
+def test_router_dtype_compute_routes_in_the_compute_dtype():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    x = np.random.default_rng(14).normal(size=(64, D)).astype("float32")
+    layer = MoEFeedForward(
+        M,
+        E,
+        top_k=2,
+        router_dtype="compute",
+        softmax_before_top_k=True,
+        router_z_loss_weight=1.0,
+    )
+    y = layer(x, training=True)
+    router = layer.router
+    tokens = ops.cast(x, "bfloat16")
+    logits = router.logits(tokens)
+    weights, experts = router(tokens)
+    assert keras.backend.standardize_dtype(logits.dtype) == "bfloat16"
+    assert keras.backend.standardize_dtype(weights.dtype) == "bfloat16"
+    assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
+    # What a bfloat16 model computes: a bfloat16 matmul, softmax, top-k.
+    expected_logits = ops.matmul(tokens, ops.cast(router.kernel, "bfloat16"))
+    probs = ops.softmax(expected_logits)
+    top, chosen = ops.top_k(probs, 2)
+    np.testing.assert_array_equal(to_numpy(logits), to_numpy(expected_logits))
+    np.testing.assert_array_equal(to_numpy(experts), to_numpy(chosen))
+    np.testing.assert_array_equal(
+        to_numpy(weights), to_numpy(top / ops.sum(top, axis=-1, keepdims=True))
+    )
+    for loss in layer.losses:
+        assert keras.backend.standardize_dtype(loss.dtype) == "float32"
+
+
+def test_router_dtype_float32_is_the_default_and_float32():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    x = np.random.default_rng(15).normal(size=(16, D)).astype("float32")
+    layer = MoEFeedForward(M, E, top_k=2, softmax_before_top_k=True)
+    layer(x, training=True)
+    assert layer.router.router_dtype == "float32"
+    tokens = ops.cast(x, "bfloat16")
+    logits = layer.router.logits(tokens)
+    weights, _ = layer.router(tokens)
+    assert keras.backend.standardize_dtype(logits.dtype) == "float32"
+    assert keras.backend.standardize_dtype(weights.dtype) == "float32"
+    expected = to_numpy(tokens).astype("float64") @ to_numpy(layer.router.kernel)
+    np.testing.assert_allclose(to_numpy(logits), expected, rtol=1e-5, atol=1e-5)
+    for loss in layer.losses:
+        assert keras.backend.standardize_dtype(loss.dtype) == "float32"
+
+
+def test_dense_moe_passes_router_dtype_to_its_router():
+    from keras_moe import DenseMoE
+
+    layer = DenseMoE(4, E, top_k=2, router_dtype="compute", dtype="mixed_bfloat16")
+    layer.build((None, D))
+    assert layer.router.router_dtype == "compute"
+    assert DenseMoE.from_config(layer.get_config()).router_dtype == "compute"
+    with pytest.raises(ValueError, match="`router_dtype` applies only to sparse"):
+        DenseMoE(4, E, router_dtype="compute")
