@@ -5,6 +5,7 @@ from keras_moe import _backend_select  # noqa: F401
 from keras_moe import callbacks
 from keras_moe import compat
 from keras_moe import routing
+from keras_moe import upcycling
 from keras_moe.distribution import expert_parallel_layout_map
 from keras_moe.layers import Conv1DMoE
 from keras_moe.layers import Conv2DMoE
@@ -24,4 +25,5 @@ __all__ = [
     "compat",
     "expert_parallel_layout_map",
     "routing",
+    "upcycling",
 ]
