@@ -282,3 +282,18 @@ def test_unreadable_data_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "must be an existing folder or tar archive" in err
     assert not out.exists()
+
+
+def test_progress_numbers_epochs_out_of_the_run(tmp_path, capsys):
+    # fit runs once per epoch; the log must still read 1/2, 2/2 (not "2/2" alone).
+    image_folder = write_image_folder(tmp_path / "images", size=12)
+    argv = ["cifar10", "--data", str(image_folder), "--epochs", "2", "--models", "cnn"]
+    cli.main(
+        [*argv, "--batch-size", "6", "--verbose", "2", "--out", str(tmp_path / "o")]
+    )
+    lines = [
+        line
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("Epoch")
+    ]
+    assert lines == ["Epoch 1/2", "Epoch 2/2"]

@@ -357,7 +357,7 @@ def train_run(args, name, repeat, data, folder):
             validation_data=(data.x_test, data.y_test),
             validation_batch_size=max(args.batch_size, 256),
             shuffle=False,
-            callbacks=[runs.EpochSeeds(seed), timer],
+            callbacks=[runs.EpochSeeds(seed), timer, runs.EpochProgress(args.epochs)],
             verbose=args.verbose,
         )
         state["fit_seconds"] += time.perf_counter() - start

@@ -157,6 +157,22 @@ class EpochSeeds(keras.callbacks.Callback):
                 )
 
 
+class EpochProgress(keras.callbacks.ProgbarLogger):
+    """Keras's progress bar, numbering epochs out of the run's total.
+
+    A resumable run calls `fit` once per epoch (`epochs=e + 1`), for which
+    Keras's own logger would print "Epoch 3/3" (or nothing for the first).
+    """
+
+    def __init__(self, epochs):
+        super().__init__()
+        self.total_epochs = int(epochs)
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.epochs = self.total_epochs
+
+
 def epoch_order(n, seed, epoch):
     """The shuffled order of `n` training examples in epoch `epoch`."""
     return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
