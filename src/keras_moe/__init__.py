@@ -12,6 +12,7 @@ from keras_moe.layers import Conv2DMoE
 from keras_moe.layers import Conv3DMoE
 from keras_moe.layers import DenseMoE
 from keras_moe.layers import MoEFeedForward
+from keras_moe.layers import SoftMoE
 from keras_moe.version import __version__
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "Conv3DMoE",
     "DenseMoE",
     "MoEFeedForward",
+    "SoftMoE",
     "__version__",
     "callbacks",
     "compat",

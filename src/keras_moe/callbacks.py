@@ -7,10 +7,15 @@ import keras
 import numpy as np
 
 from keras_moe import routing
+from keras_moe.layers.soft_moe import SoftMoE
+
+# Every layer that keeps its own routing statistics.
+_ROUTING_LAYERS = (routing.TopKRouter, routing.ExpertChoiceRouter, SoftMoE)
 
 
 def sparse_routers(model):
-    """`{name: router}` for every built `TopKRouter` of `model`.
+    """`{name: router}` for every built router of `model` (`TopKRouter`,
+    `ExpertChoiceRouter`) and every built `SoftMoE`.
 
     A router that is a layer's `router` sublayer (as in `DenseMoE` with
     `top_k` and `MoEFeedForward`) goes by that layer's name, any other by
@@ -20,28 +25,35 @@ def sparse_routers(model):
     hosts = {}
     for layer in layers:
         router = getattr(layer, "router", None)
-        if isinstance(router, routing.TopKRouter):
+        if isinstance(router, _ROUTING_LAYERS):
             hosts.setdefault(id(router), layer.name)
     return {
         hosts.get(id(layer), layer.name): layer
         for layer in layers
-        if isinstance(layer, routing.TopKRouter) and layer.built
+        if isinstance(layer, _ROUTING_LAYERS) and layer.built
     }
 
 
 class ExpertUsage(keras.callbacks.Callback):
     """Records each sparse MoE layer's expert usage per epoch.
 
-    At the end of every epoch it reads, for each sparse `DenseMoE` or
-    `MoEFeedForward` of the model, the mean routing statistics of that epoch's
-    training steps (`layer.routing_stats_mean()`), adds them to the epoch's
-    `logs` (so `History`, `CSVLogger` and the like that come after it see
-    them), appends them to a CSV file and redraws a heatmap of every expert's
-    load per epoch (PNG): a collapsed router shows as one bright row.
+    At the end of every epoch it reads, for each sparse `DenseMoE`,
+    `MoEFeedForward` (either router) and `SoftMoE` of the model, and any
+    other `TopKRouter` or `ExpertChoiceRouter`, the mean routing statistics
+    of that epoch's training steps (`layer.routing_stats_mean()`), adds them
+    to the epoch's `logs` (so `History`, `CSVLogger` and the like that come
+    after it see them), appends them to a CSV file and redraws a heatmap of
+    every expert's load per epoch (PNG): a collapsed router shows as one
+    bright row. (An expert-choice router's load is even by construction;
+    its `dropped_fraction` is the share of tokens no expert took. Soft MoE's
+    load is each expert's share of the combine weights.)
 
     Logged per layer `name`: `name_max_load` (the busiest expert's share of
     the assignments times `n_experts`: 1.0 is perfect balance, `n_experts`
-    total collapse), `name_dropped_fraction` and `name_router_entropy`.
+    total collapse), `name_dropped_fraction` and `name_router_entropy`; for
+    a router with `balance_bias_rate`, `name_balance_bias_range` (largest
+    minus smallest bias), its bias at each epoch's end kept in
+    `balance_biases[name]` `(epochs, E)` as `loads[name]` keeps the loads.
 
     The statistics live in each layer's non-trainable variables, updated
     inside the training step, so this works under `jit_compile` on every
@@ -74,6 +86,7 @@ class ExpertUsage(keras.callbacks.Callback):
         self.csv_path = None if csv_path is None else os.fspath(csv_path)
         self.heatmap_path = None if heatmap_path is None else os.fspath(heatmap_path)
         self.loads = {}
+        self.balance_biases = {}
         self.epochs = []
 
     def on_train_begin(self, logs=None):
@@ -82,6 +95,7 @@ class ExpertUsage(keras.callbacks.Callback):
             name: np.zeros((0, router.n_experts))
             for name, router in self._routers.items()
         }
+        self.balance_biases = {}
         self.epochs = []
         if self.csv_path is not None:
             os.makedirs(os.path.dirname(os.path.abspath(self.csv_path)), exist_ok=True)
@@ -116,6 +130,11 @@ class ExpertUsage(keras.callbacks.Callback):
             logs[f"{name}_dropped_fraction"] = stats["dropped_fraction"]
             logs[f"{name}_router_entropy"] = stats["router_entropy"]
             self.loads[name] = np.vstack([self.loads[name], load])
+            if "balance_bias" in stats:
+                bias = np.asarray(stats["balance_bias"], "float64")[None]
+                previous = self.balance_biases.get(name, bias[:0])
+                self.balance_biases[name] = np.vstack([previous, bias])
+                logs[f"{name}_balance_bias_range"] = float(np.ptp(bias))
             rows.append(
                 [
                     epoch,

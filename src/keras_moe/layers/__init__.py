@@ -3,5 +3,13 @@ from keras_moe.layers.conv2d_moe import Conv2DMoE
 from keras_moe.layers.conv3d_moe import Conv3DMoE
 from keras_moe.layers.dense_moe import DenseMoE
 from keras_moe.layers.moe_feed_forward import MoEFeedForward
+from keras_moe.layers.soft_moe import SoftMoE
 
-__all__ = ["Conv1DMoE", "Conv2DMoE", "Conv3DMoE", "DenseMoE", "MoEFeedForward"]
+__all__ = [
+    "Conv1DMoE",
+    "Conv2DMoE",
+    "Conv3DMoE",
+    "DenseMoE",
+    "MoEFeedForward",
+    "SoftMoE",
+]
