@@ -10,6 +10,9 @@ the instance's methods and on the `keras_moe.routing` functions the layers
 call) and check their dtype and their values against float64 NumPy at
 float32's precision, which float16 (unit roundoff 2**-11) and bfloat16
 (2**-8) miss by far, whether they compute a value or only round it on the way.
+The sparse layers' `router_dtype="compute"` (a model that routes in its
+compute dtype) is checked too: logits and weights in the compute dtype, the
+losses still float32.
 """
 
 import keras
@@ -41,7 +44,8 @@ TOL = 2.0**-16
 # The router settings under test: (extra constructor arguments of the sparse
 # layers, the dtype the router computes in: "float32" or "compute", the
 # policy's compute dtype). The losses are float32 in every setting.
-ROUTER_SETTINGS = [({}, "float32")]
+# The default is `router_dtype="float32"` (checked below).
+ROUTER_SETTINGS = [({}, "float32"), ({"router_dtype": "compute"}, "compute")]
 
 
 def setting_id(setting):
@@ -150,6 +154,8 @@ def sparse_layer(kind, policy, extra):
         )
     if kind == "MoEFeedForward":
         return MoEFeedForward(8, 4, top_k=2, gated=True, router_bias=True, **common)
+    if kind == "MoEFeedForward-softmax-first":
+        return MoEFeedForward(8, 4, top_k=2, softmax_before_top_k=True, **common)
     return MoEFeedForward(8, 4, top_k=1, **common)
 
 
@@ -158,13 +164,25 @@ SPARSE_KINDS = [
     "DenseMoE",
     "DenseMoE-capacity-unnormalized",
     "MoEFeedForward",
+    "MoEFeedForward-softmax-first",
     "MoEFeedForward-top1",
 ]
 
 
-@pytest.mark.parametrize("setting", ROUTER_SETTINGS, ids=setting_id)
+# Every kind with the default router; `router_dtype="compute"` on the router
+# and on each layer that passes it on (JAX compiles each case: about 5 s).
+SPARSE_CASES = [(kind, ROUTER_SETTINGS[0]) for kind in SPARSE_KINDS] + [
+    (kind, ROUTER_SETTINGS[1])
+    for kind in ("TopKRouter", "DenseMoE", "MoEFeedForward-softmax-first")
+]
+
+
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("kind", SPARSE_KINDS)
+@pytest.mark.parametrize(
+    "kind, setting",
+    SPARSE_CASES,
+    ids=[f"{kind}-{setting_id(setting)}" for kind, setting in SPARSE_CASES],
+)
 def test_sparse_router_logits_weights_and_losses_are_float32(kind, policy, setting):
     extra, computes_in = setting
     expected_dtype = router_dtype(computes_in, policy)
@@ -175,6 +193,8 @@ def test_sparse_router_logits_weights_and_losses_are_float32(kind, policy, setti
     randomize(layer, rng)
     router = layer if kind == "TopKRouter" else layer.router
     assert dtype_of(router.kernel.value) == "float32"  # no autocast
+    if not extra:
+        assert layer.get_config()["router_dtype"] == "float32"
     logits_spy = Spy(router.logits)
     router.logits = logits_spy
     captured = {}
