@@ -48,11 +48,8 @@ def one_device_mesh(axis_names=("batch", "expert")):
 
 
 def test_expert_parallel_on_eight_simulated_devices(tmp_path):
-    keras.utils.set_random_seed(7)
-    model = distribution_worker.build_model()
+    distribution_worker.save_single_device_model(tmp_path)
     x, _ = distribution_worker.data()
-    model.save(tmp_path / "single.keras")
-    np.save(tmp_path / "single_pred.npy", to_numpy(model.predict(x, verbose=0)))
 
     env = {
         **os.environ,
@@ -88,6 +85,7 @@ def test_expert_parallel_on_eight_simulated_devices(tmp_path):
         "evaluate_same",
         "predict_same",
         "train_step_no_expert_gather",
+        "grouped_routing_splits_compute",
         "completed",
     }
     assert expected_checks <= set(report), sorted(expected_checks - set(report))
@@ -100,6 +98,13 @@ def test_expert_parallel_on_eight_simulated_devices(tmp_path):
     }
     for r in rows:
         assert r["shard_shapes"][0][r["axis"]] * 4 == r["full"][r["axis"]]
+
+    # docs/expert-parallelism.md: group-local routing splits the token-routed
+    # layer's work over the batch axis (2 devices): about half the FLOPs per
+    # device of one routing over the global batch, not the same.
+    flops = report["grouped_routing_splits_compute"]["detail"]
+    assert flops["groups"] == 2
+    assert flops["grouped"] <= distribution_worker.GROUPED_FLOPS_RATIO * flops["global"]
 
     # The checkpoint written on 8 devices loads here, on one device.
     loaded = keras.saving.load_model(tmp_path / "multi.keras")
