@@ -9,6 +9,8 @@ from keras_moe.layers.shared_expert import SharedExpert
 from keras_moe.routing import gates
 from keras_moe.routing import router as router_lib
 
+ROUTERS = ("token_choice", "expert_choice")
+
 
 @keras.saving.register_keras_serializable(package="keras_moe")
 class MoEFeedForward(BaseFeedForwardExperts):
@@ -113,6 +115,21 @@ class MoEFeedForward(BaseFeedForwardExperts):
             experts' `activation`, `gated`, `use_bias` and activation options.
         shared_expert_gate: With a shared expert: whether its output is
             multiplied by `sigmoid(x . g)` (Qwen MoE's shared expert gate).
+        router: `"token_choice"` (the default: each token picks its
+            `top_k` experts, `routing.TopKRouter`) or `"expert_choice"`
+            (Zhou et al. 2022, `routing.ExpertChoiceRouter`): each expert
+            takes the `ceil(capacity_factor * top_k * n / E)` tokens of
+            highest softmax score among all `n` tokens of the call
+            (`capacity_factor=None` is 1.0, `top_k` the average experts per
+            token) and a token none took gets zero. Balanced by
+            construction: `load_balance_weight`, `normalize_top_k` and
+            `softmax_before_top_k` do not apply. Not causal (a token's
+            routing depends on later tokens): not for autoregressive
+            decoding as it is.
+        balance_bias_rate: Non-negative float; with token choice, loss-free
+            balancing by a per-expert router bias moved by this much per
+            training step (DeepSeek-V3, `routing.TopKRouter`). Usually with
+            `load_balance_weight=0`.
         **kwargs: Base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -199,6 +216,8 @@ class MoEFeedForward(BaseFeedForwardExperts):
         expert_output_scale=False,
         shared_intermediate_dim=None,
         shared_expert_gate=False,
+        router="token_choice",
+        balance_bias_rate=0.0,
         **kwargs,
     ):
         super().__init__(
@@ -280,6 +299,22 @@ class MoEFeedForward(BaseFeedForwardExperts):
                 "`shared_intermediate_dim`. Received: shared_expert_gate=True, "
                 "shared_intermediate_dim=None"
             )
+        # `router` names the method; the attribute `router` is the sublayer.
+        self.router_type = utils.check_choice("router", router, ROUTERS)
+        self.balance_bias_rate = utils.check_non_negative_float(
+            "balance_bias_rate", balance_bias_rate
+        )
+        if self.router_type == "expert_choice":
+            for name, value, default in (
+                ("balance_bias_rate", self.balance_bias_rate, 0.0),
+                ("noisy_gating", self.noisy_gating, False),
+                ("router_dtype", self.router_dtype, "float32"),
+            ):
+                if value != default:
+                    raise ValueError(
+                        f"`{name}` applies to `router='token_choice'` only. "
+                        f"Received: {name}={value!r}, router='expert_choice'"
+                    )
         self.seed_generator = None
         if self.router_jitter_noise:
             self.seed_generator = keras.random.SeedGenerator(self.seed)
@@ -296,22 +331,35 @@ class MoEFeedForward(BaseFeedForwardExperts):
                 f"last axis. Received: input_shape={input_shape}"
             )
         d = input_shape[-1]
-        self.router = routing.TopKRouter(
-            n_experts=self.n_experts,
-            top_k=self.top_k,
-            normalize_top_k=self.normalize_top_k,
-            capacity_factor=self.capacity_factor,
-            noisy_gating=self.noisy_gating,
-            load_balance_weight=self.load_balance_weight,
-            router_z_loss_weight=self.router_z_loss_weight,
-            use_bias=self.router_bias,
-            kernel_initializer=self.router_initializer,
-            seed=self.seed,
-            softmax_before_top_k=self.softmax_before_top_k,
-            router_dtype=self.router_dtype,
-            dtype=self.dtype_policy,
-            name="router",
-        )
+        if self.router_type == "expert_choice":
+            self.router = routing.ExpertChoiceRouter(
+                n_experts=self.n_experts,
+                top_k=self.top_k,
+                capacity_factor=self.capacity_factor,
+                router_z_loss_weight=self.router_z_loss_weight,
+                use_bias=self.router_bias,
+                kernel_initializer=self.router_initializer,
+                dtype=self.dtype_policy,
+                name="router",
+            )
+        else:
+            self.router = routing.TopKRouter(
+                n_experts=self.n_experts,
+                top_k=self.top_k,
+                normalize_top_k=self.normalize_top_k,
+                capacity_factor=self.capacity_factor,
+                noisy_gating=self.noisy_gating,
+                load_balance_weight=self.load_balance_weight,
+                router_z_loss_weight=self.router_z_loss_weight,
+                use_bias=self.router_bias,
+                kernel_initializer=self.router_initializer,
+                seed=self.seed,
+                softmax_before_top_k=self.softmax_before_top_k,
+                router_dtype=self.router_dtype,
+                balance_bias_rate=self.balance_bias_rate,
+                dtype=self.dtype_policy,
+                name="router",
+            )
         self.router.build((None, d))
         self.build_experts(d)
         self.router_input_scale = None
@@ -369,10 +417,15 @@ class MoEFeedForward(BaseFeedForwardExperts):
             router_tokens = expert_functions.normalized_router_inputs(
                 router_tokens, self.router_input_scale, self.router_norm_epsilon
             )
-        weights, experts = self.router(router_tokens, mask=mask, training=training)
+        weights, chosen = self.router(router_tokens, mask=mask, training=training)
+        experts = chosen
+        if self.router_type == "expert_choice":
+            # `chosen` holds each expert's tokens; row `(e, j)` is expert `e`'s.
+            rows = ops.expand_dims(ops.arange(self.n_experts, dtype="int32"), 1)
+            experts = ops.broadcast_to(rows, ops.shape(chosen))
         weights = self.scale_weights(weights, experts)
         outputs = self.router.dispatch(
-            tokens, weights, experts, self.run_experts, mask, training
+            tokens, weights, chosen, self.run_experts, mask, training
         )
         if self.shared_expert is not None:
             shared = self.shared_expert(tokens)
@@ -404,7 +457,8 @@ class MoEFeedForward(BaseFeedForwardExperts):
         router = self.router
         legacy = [router.kernel, router.bias, self.expert_up_kernel]
         legacy += [self.expert_gate_kernel, self.expert_down_kernel]
-        legacy += [self.expert_up_bias, self.expert_down_bias, router.noise_kernel]
+        noise_kernel = getattr(router, "noise_kernel", None)
+        legacy += [self.expert_up_bias, self.expert_down_bias, noise_kernel]
         legacy = [v for v in legacy if v is not None]
         legacy += [router.routing_stats_last, router.routing_stats_sum]
         router_lib.load_own_variables(self, store, legacy)
@@ -430,5 +484,7 @@ class MoEFeedForward(BaseFeedForwardExperts):
             "router_norm_epsilon": self.router_norm_epsilon,
             "shared_intermediate_dim": self.shared_intermediate_dim,
             "shared_expert_gate": self.shared_expert_gate,
+            "router": self.router_type,
+            "balance_bias_rate": self.balance_bias_rate,
         }
         return {**super().get_config(), **config}

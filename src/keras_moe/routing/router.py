@@ -4,6 +4,8 @@ import keras
 from keras import ops
 
 from keras_moe import utils
+from keras_moe.routing.balance import balanced_top_k_gates
+from keras_moe.routing.balance import update_balance_bias
 from keras_moe.routing.dispatch import DROPLESS_CAPACITY_FACTORS
 from keras_moe.routing.dispatch import sparse_mixture
 from keras_moe.routing.gates import ROUTER_DTYPES
@@ -79,6 +81,13 @@ class TopKRouter(keras.layers.Layer):
             router picks other experts than such a model for the tokens whose
             logits bfloat16 rounds into another order. The losses and
             statistics are float32 either way.
+        balance_bias_rate: Non-negative float. When positive, loss-free
+            balancing (DeepSeek-V3, `routing.balance`): a non-trainable
+            per-expert `balance_bias` `(E,)` is added to the logits for
+            choosing the experts only (the weights come from the unbiased
+            logits), and in every training call each expert's bias moves by
+            `balance_bias_rate * sign(mean load - its load)`, outside the
+            optimizer. Saved with the model; `routing_stats` reports it.
         **kwargs: Base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -136,6 +145,7 @@ class TopKRouter(keras.layers.Layer):
         seed=None,
         softmax_before_top_k=False,
         router_dtype="float32",
+        balance_bias_rate=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -165,7 +175,11 @@ class TopKRouter(keras.layers.Layer):
         self.router_z_loss_weight = utils.check_non_negative_float(
             "router_z_loss_weight", router_z_loss_weight
         )
+        self.balance_bias_rate = utils.check_non_negative_float(
+            "balance_bias_rate", balance_bias_rate
+        )
         self.use_bias = utils.check_bool("use_bias", use_bias)
+        self.balance_bias = None
         self.kernel_initializer = utils.get_initializer(
             "kernel_initializer", kernel_initializer
         )
@@ -245,6 +259,16 @@ class TopKRouter(keras.layers.Layer):
             trainable=False,
             autocast=False,
         )
+        # Created last: the variables before it keep their saved positions.
+        self.balance_bias = None
+        if self.balance_bias_rate:
+            self.balance_bias = self.add_weight(
+                name="balance_bias",
+                shape=(self.n_experts,),
+                initializer="zeros",
+                trainable=False,
+                autocast=False,
+            )
         self.input_spec = keras.layers.InputSpec(ndim=2, axes={-1: input_dim})
 
     @property
@@ -267,10 +291,19 @@ class TopKRouter(keras.layers.Layer):
         if mask is not None:
             mask = ops.reshape(mask, (-1,))
         logits = self.logits(inputs, training=training)
-        weights, experts, probs = top_k_gates(
-            logits, self.top_k, self.normalize_top_k, self.softmax_before_top_k
-        )
+        if self.balance_bias is None:
+            weights, experts, probs = top_k_gates(
+                logits, self.top_k, self.normalize_top_k, self.softmax_before_top_k
+            )
+        else:
+            # The bias picks the experts; the weights ignore it (both orders
+            # of `softmax_before_top_k` give these weights, rounded alike).
+            weights, experts, probs = balanced_top_k_gates(
+                logits, self.balance_bias.value, self.top_k, self.normalize_top_k
+            )
         counts = expert_counts(experts, self.n_experts, mask)
+        if training and self.balance_bias is not None:
+            update_balance_bias(self.balance_bias, counts, self.balance_bias_rate)
         if training:
             if self.load_balance_weight:
                 loss = load_balance_loss(probs, counts, mask)
@@ -328,17 +361,21 @@ class TopKRouter(keras.layers.Layer):
 
     def _stats_dict(self, values):
         n = self.n_experts
-        return {
+        stats = {
             "expert_load": values[:n],
             "dropped_fraction": float(values[n]),
             "router_entropy": float(values[n + 1]),
         }
+        if self.balance_bias is not None:
+            stats["balance_bias"] = ops.convert_to_numpy(self.balance_bias.value)
+        return stats
 
     @property
     def routing_stats(self):
         """Statistics of the last call, as NumPy: `expert_load` (each
         expert's share of the assignments), `dropped_fraction` and
-        `router_entropy` (mean entropy in nats of the full softmax)."""
+        `router_entropy` (mean entropy in nats of the full softmax); with
+        `balance_bias_rate`, also `balance_bias` (its current value)."""
         if not self.built:
             raise ValueError(
                 "A router has no routing statistics before it is built and "
@@ -396,6 +433,7 @@ class TopKRouter(keras.layers.Layer):
             "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
             "bias_constraint": keras.constraints.serialize(self.bias_constraint),
             "seed": self.seed,
+            "balance_bias_rate": self.balance_bias_rate,
         }
         return {**super().get_config(), **config}
 
