@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "cifar10": "keras_moe.experiments.cifar10",
     "jacobian": "keras_moe.experiments.jacobian",
     "mnist1d": "keras_moe.experiments.mnist1d",
+    "routing": "keras_moe.experiments.routing",
 }
 
 

@@ -1,0 +1,68 @@
+import json
+
+import pytest
+
+from keras_moe import MoEFeedForward
+from keras_moe import SoftMoE
+from keras_moe import cli
+from keras_moe.experiments import common
+from keras_moe.experiments import routing
+from tests.experiments.conftest import write_image_folder
+
+
+def arguments(*options):
+    return cli.build_parser().parse_args(["routing", *options])
+
+
+@pytest.mark.parametrize(
+    "image, tokens, slots",
+    [((32, 32, 3), 64, 16), ((16, 16, 3), 16, 4)],
+)
+def test_soft_moe_runs_as_many_rows_as_top_2_token_choice(image, tokens, slots):
+    args = arguments()
+    assert routing.slots_per_expert(tokens, args.top_k, args.n_experts) == slots
+    model = routing.build_model("soft-moe", args, image, 10)
+    layers = [layer for layer in model.layers if isinstance(layer, SoftMoE)]
+    assert [layer.name for layer in layers] == ["moe_1", "moe_3"]
+    assert {layer.slots_per_expert for layer in layers} == {slots}
+    assert {layer.intermediate_dim for layer in layers} == {128}
+    rows = routing.expert_rows_per_image("soft-moe", args, tokens)
+    assert rows == routing.expert_rows_per_image("token-choice", args, tokens)
+
+
+def test_token_choice_is_the_example_network():
+    args = arguments()
+    model = routing.build_model("token-choice", args, (32, 32, 3), 10)
+    (layer, other) = [x for x in model.layers if isinstance(x, MoEFeedForward)]
+    assert (layer.n_experts, layer.top_k, layer.intermediate_dim) == (8, 2, 128)
+    assert layer.load_balance_weight == 0.01
+    assert routing.moe_names(model) == ["moe_1", "moe_3"]
+    # The example's ViT: same layers, same parameters.
+    from examples.vit_moe_cifar10 import build_vit_moe
+
+    assert common.count_params(model) == common.count_params(build_vit_moe())
+
+
+def test_quick_run_writes_results_plot_and_summary(tmp_path):
+    image_folder = write_image_folder(tmp_path / "images", size=16)
+    out = tmp_path / "r"
+    argv = ["routing", "--quick", "--data", str(image_folder), "--out", str(out)]
+    cli.main([*argv, "--models", "token-choice", "soft-moe", "--verbose", "0"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["experiment"] == "routing"
+    assert results["command"].startswith("keras-moe routing --quick")
+    assert results["data"]["tokens_per_image"] == 16
+    assert list(results["models"]) == ["token-choice", "soft-moe"]
+    for model in results["models"].values():
+        assert 0.0 <= model["test_accuracy"] <= 1.0
+        assert len(model["val_accuracy_mean"]) == 1
+        assert model["expert_rows_per_image"] == 32
+        assert model["step_seconds_median"] > 0
+    token_choice = results["models"]["token-choice"]
+    (load,) = token_choice["busiest_load_mean"]
+    assert 1.0 <= load <= 8.0
+    assert token_choice["last_dropped_fraction"] == 0.0
+    assert (out / "routing.png").read_bytes()[:4] == b"\x89PNG"
+    summary = (out / "summary.md").read_text()
+    assert "| `soft-moe` Soft MoE, 16 slots per expert |" in summary
+    assert results["settings"]["dim"] == 16 and results["settings"]["depth"] == 2
