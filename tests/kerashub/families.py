@@ -1,6 +1,6 @@
 """Tiny KerasHub MoE models of every family `sparsify` supports, for tests.
 
-Two decoder layers, `d=16`, four experts, top-2 (Qwen3-MoE top-3), random
+One decoder layer, `d=16`, four experts, top-2 (Qwen3-MoE top-3), random
 weights (KerasHub initialises some to zero or one, which would hide a wrong
 weight: Gemma 4's experts are zeros), and inputs with padding.
 """

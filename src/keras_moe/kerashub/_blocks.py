@@ -49,10 +49,11 @@ def full_precision(variable):
 
     Inside a mixed-precision layer's call, reading a variable casts it to the
     compute dtype (Keras's autocast); a float32 router needs its kernel as it
-    is stored.
+    is stored. `variable.value` is read inside the scope: on TensorFlow a
+    converted Keras variable is read later, under the layer's autocast.
     """
     with AutocastScope(None):
-        return ops.convert_to_tensor(variable)
+        return variable.value
 
 
 class SparseState:
