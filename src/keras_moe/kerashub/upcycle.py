@@ -1,0 +1,483 @@
+"""Sparse upcycling of KerasHub's dense language models into their MoE models.
+
+`upcycle(backbone, n_experts)` turns a dense KerasHub backbone into the
+KerasHub mixture-of-experts backbone of the same family: the embeddings,
+attention and norms are copied, and every feed-forward block becomes
+`n_experts` copies of itself behind a new router (Komatsuzaki et al., 2022).
+The router's top-k weights are renormalised to sum to one, so the upcycled
+model computes what the dense one computed, and training continues from the
+dense model's quality. `keras_moe.kerashub.upcycle_causal_lm` does the same
+for a `CausalLM` and its preprocessor.
+
+| dense backbone | MoE backbone | exact at initialisation |
+| --- | --- | --- |
+| `MistralBackbone` | `MixtralBackbone` | yes (not with a `head_dim` other than `hidden_dim // num_query_heads`: Mixtral has none) |
+| `LlamaBackbone`, `Llama3Backbone` | `MixtralBackbone` (`sliding_window=None`) | yes (not with Llama 3.1's RoPE frequency scaling: Mixtral has none) |
+| `Qwen3Backbone` | `Qwen3MoeBackbone` (`norm_top_k_prob=True`) | yes (see `qk_norm_epsilon`) |
+
+Any other class is refused with an error that names it. The result is an
+ordinary KerasHub model: it saves, reloads (`save_to_preset`/`from_preset`,
+`.keras` files) and generates as one.
+"""
+
+import keras
+import keras_hub
+import numpy as np
+
+from keras_moe import utils
+from keras_moe.upcycling import expert_copies
+
+__all__ = ["upcycle"]
+
+MOE_LAYERS = ("all", "every_other")
+QK_NORM_EPSILON = ("rescale", "target")
+
+
+def families():
+    """dense backbone class -> (MoE backbone class, dense CausalLM, MoE CausalLM)."""
+    models = keras_hub.models
+    mixtral = (models.MixtralBackbone, models.MixtralCausalLM)
+    qwen3_moe = (models.Qwen3MoeBackbone, models.Qwen3MoeCausalLM)
+    return {
+        models.MistralBackbone: (*mixtral, models.MistralCausalLM),
+        models.LlamaBackbone: (*mixtral, models.LlamaCausalLM),
+        models.Llama3Backbone: (*mixtral, models.Llama3CausalLM),
+        models.Qwen3Backbone: (*qwen3_moe, models.Qwen3CausalLM),
+    }
+
+
+def _supported():
+    return ", ".join(f"{c.__name__} -> {t[0].__name__}" for c, t in families().items())
+
+
+def _family(backbone):
+    if isinstance(backbone, keras_hub.models.CausalLM):
+        raise TypeError(
+            "`backbone` must be a KerasHub backbone; for a `CausalLM` use "
+            "`keras_moe.kerashub.upcycle_causal_lm`. Received: backbone of type "
+            f"{type(backbone).__name__}"
+        )
+    known = families()
+    cls = type(backbone)
+    if cls not in known:
+        moe = {target for target, _, _ in known.values()}
+        already = " (already a mixture of experts)" if cls in moe else ""
+        raise ValueError(
+            "`backbone` must be a dense KerasHub backbone that has an MoE "
+            f"counterpart with the same attention: {_supported()}. Received: "
+            f"backbone of type {cls.__name__}{already}"
+        )
+    return known[cls]
+
+
+def _check_moe_layers(moe_layers, num_layers):
+    if isinstance(moe_layers, str):
+        return utils.check_choice("moe_layers", moe_layers, MOE_LAYERS)
+    if not isinstance(moe_layers, (list, tuple, range)) or not all(
+        utils._is_int(i) for i in moe_layers
+    ):
+        raise TypeError(
+            f"`moe_layers` must be one of {list(MOE_LAYERS)} or a sequence of "
+            f"decoder layer indices. Received: moe_layers={moe_layers!r}"
+        )
+    layers = sorted({int(i) for i in moe_layers})
+    if not layers or layers[0] < 0 or layers[-1] >= num_layers:
+        raise ValueError(
+            "`moe_layers` must hold at least one decoder layer index from 0 to "
+            f"{num_layers - 1}. Received: moe_layers={list(moe_layers)!r}"
+        )
+    return layers
+
+
+def _mixtral_config(backbone, n_experts, top_k, moe_layers, load_balance_weight):
+    name = type(backbone).__name__
+    if moe_layers != "all" and moe_layers != list(range(backbone.num_layers)):
+        raise ValueError(
+            f"`moe_layers` must be 'all' when upcycling a `{name}`: its MoE "
+            "counterpart `MixtralBackbone` makes every decoder layer a mixture of "
+            f"experts and cannot mix dense and MoE layers. Received: "
+            f"moe_layers={moe_layers!r}"
+        )
+    config = {
+        "vocabulary_size": backbone.vocabulary_size,
+        "num_layers": backbone.num_layers,
+        "num_query_heads": backbone.num_query_heads,
+        "hidden_dim": backbone.hidden_dim,
+        "intermediate_dim": backbone.intermediate_dim,
+        "num_key_value_heads": backbone.num_key_value_heads,
+        "num_experts": n_experts,
+        "top_k": top_k,
+        "rope_max_wavelength": backbone.rope_max_wavelength,
+        "layer_norm_epsilon": backbone.layer_norm_epsilon,
+        "dropout": backbone.dropout,
+    }
+    if load_balance_weight is not None:
+        config["router_aux_loss_coef"] = load_balance_weight
+    if isinstance(backbone, keras_hub.models.MistralBackbone):
+        head_dim = backbone.head_dim
+        if head_dim is not None and head_dim != (
+            backbone.hidden_dim // backbone.num_query_heads
+        ):
+            raise ValueError(
+                "`backbone` must have `head_dim` None or `hidden_dim // "
+                "num_query_heads`: `MixtralBackbone` has no `head_dim` argument. "
+                f"Received: {name} with head_dim={head_dim}, "
+                f"hidden_dim={backbone.hidden_dim}, "
+                f"num_query_heads={backbone.num_query_heads}"
+            )
+        config["rope_scaling_factor"] = backbone.rope_scaling_factor
+        config["sliding_window"] = backbone.sliding_window
+    else:
+        scaling = {
+            key: getattr(backbone, key)
+            for key in (
+                "rope_frequency_adjustment_factor",
+                "rope_low_freq_factor",
+                "rope_high_freq_factor",
+                "rope_pretraining_sequence_length",
+            )
+        }
+        if any(value is not None for value in scaling.values()):
+            raise ValueError(
+                "`backbone` must not use Llama 3.1's RoPE frequency scaling: "
+                "`MixtralBackbone`'s rotary embedding has none. Received: "
+                f"{name} with "
+                + ", ".join(f"{key}={value}" for key, value in scaling.items())
+            )
+        config["rope_scaling_factor"] = backbone.rope_position_scaling_factor
+        config["sliding_window"] = None
+    return config
+
+
+def _qwen3_moe_config(backbone, n_experts, top_k, moe_layers, load_balance_weight):
+    config = {
+        "vocabulary_size": backbone.vocabulary_size,
+        "num_layers": backbone.num_layers,
+        "num_query_heads": backbone.num_query_heads,
+        "num_key_value_heads": backbone.num_key_value_heads,
+        "hidden_dim": backbone.hidden_dim,
+        "intermediate_dim": backbone.intermediate_dim,
+        "moe_intermediate_dim": backbone.intermediate_dim,
+        "num_experts": n_experts,
+        "head_dim": backbone.head_dim,
+        "top_k": top_k,
+        # Renormalised top-k weights: what makes the copies exact.
+        "norm_top_k_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "rope_max_wavelength": backbone.rope_max_wavelength,
+        "rope_scaling_factor": backbone.rope_scaling_factor,
+        "layer_norm_epsilon": backbone.layer_norm_epsilon,
+        "dropout": backbone.dropout,
+        "tie_word_embeddings": backbone.tie_word_embeddings,
+        "sliding_window_size": backbone.sliding_window_size,
+    }
+    if moe_layers == "every_other":
+        # Qwen's own convention: layers 1, 3, 5, ... are sparse.
+        config["decoder_sparse_step"] = 2
+    elif moe_layers != "all":
+        config["mlp_only_layers"] = [
+            i for i in range(backbone.num_layers) if i not in moe_layers
+        ]
+    if load_balance_weight is not None:
+        config["router_aux_loss_coefficient"] = load_balance_weight
+    return config
+
+
+class _Copier:
+    """Assigns the target's variables from NumPy values, once each, checking shapes.
+
+    At the end, every variable of the target must have been assigned: a
+    KerasHub release that adds a weight makes upcycling fail loudly instead
+    of leaving the weight at its random initialisation.
+    """
+
+    def __init__(self, target):
+        self.target = target
+        self.done = set()
+
+    def assign(self, variable, value):
+        value = np.asarray(value)
+        if tuple(variable.shape) != value.shape:
+            raise ValueError(
+                f"Cannot upcycle into `{variable.path}`: expected shape "
+                f"{tuple(variable.shape)}, got {value.shape}. KerasHub's layers may "
+                "have changed; please report this."
+            )
+        # `assign` casts to the variable's dtype.
+        variable.assign(value)
+        self.done.add(id(variable))
+
+    def copy_layer(self, target_layer, source_layer):
+        """Copies a sublayer's weights by their paths relative to the sublayer."""
+
+        def relative(layer):
+            prefix = layer.path + "/"
+            return {v.path.removeprefix(prefix): v for v in layer.weights}
+
+        targets, sources = relative(target_layer), relative(source_layer)
+        if set(targets) != set(sources):
+            raise ValueError(
+                f"Cannot upcycle `{source_layer.path}` into `{target_layer.path}`: "
+                f"their weights differ ({sorted(sources)} against {sorted(targets)}). "
+                "KerasHub's layers may have changed; please report this."
+            )
+        for key, variable in targets.items():
+            self.assign(variable, _numpy(sources[key]))
+
+    def check_complete(self):
+        missing = [v.path for v in self.target.weights if id(v) not in self.done]
+        if missing:
+            raise ValueError(
+                f"Upcycling left weights of the target unset: {missing}. KerasHub's "
+                "layers may have changed; please report this."
+            )
+
+
+def _numpy(variable):
+    return np.asarray(keras.ops.convert_to_numpy(variable.value))
+
+
+# A dense KerasHub decoder's gated feed-forward block: gate, up, down.
+_FFN_KERNELS = (
+    "_feedforward_gate_dense",
+    "_feedforward_intermediate_dense",
+    "_feedforward_output_dense",
+)
+
+
+def _copy_experts(copier, bank, source, expert_noise, rng):
+    """Fills an expert bank with copies of a dense decoder's feed-forward block."""
+    n_experts = bank.num_experts
+    gate, up, down = (
+        expert_copies(
+            _numpy(getattr(source, name).kernel), n_experts, expert_noise, rng
+        )
+        for name in _FFN_KERNELS
+    )
+    copier.assign(bank._expert_feedforward_output_dense, down)
+    if hasattr(bank, "_expert_feedforward_intermediate_dense"):
+        copier.assign(bank._expert_feedforward_gate_dense, gate)
+        copier.assign(bank._expert_feedforward_intermediate_dense, up)
+    else:
+        # Qwen3-MoE fuses the two: `[gate | up]` on the last axis.
+        copier.assign(
+            bank._expert_feedforward_gate_dense, np.concatenate([gate, up], axis=-1)
+        )
+
+
+def _check_not_quantized(backbone):
+    for layer in backbone._flatten_layers(include_self=True):
+        mode = getattr(layer.dtype_policy, "quantization_mode", None)
+        if mode is not None:
+            raise ValueError(
+                "`backbone` must have float weights: a quantized model cannot be "
+                f"upcycled (quantize the upcycled one). Received: layer "
+                f"{layer.path!r} with quantization_mode={mode!r}"
+            )
+
+
+def upcycle(
+    backbone,
+    n_experts,
+    top_k=2,
+    moe_layers="all",
+    router_initializer=None,
+    expert_noise=0.0,
+    load_balance_weight=None,
+    qk_norm_epsilon="rescale",
+    seed=None,
+):
+    """The KerasHub MoE backbone upcycled from a dense KerasHub backbone.
+
+    Every decoder layer's attention and norms, the token embedding (and the
+    output projection) and the final norm are copied; every chosen layer's
+    gated feed-forward block `down(silu(x . gate) * (x . up))` becomes
+    `n_experts` experts that copy its kernels, behind a new router with
+    renormalised top-k weights. Since `sum_j w_j = 1` and the experts are
+    equal, `sum_j w_j * ffn(x) = ffn(x)`: at initialisation the upcycled
+    backbone's outputs equal the dense one's (to float rounding, about
+    1e-6 relative in float32), whatever the router. Pairs:
+
+    - `MistralBackbone` -> `MixtralBackbone` (exact; refused with a `head_dim`
+      other than `hidden_dim // num_query_heads`, which Mixtral cannot express).
+    - `LlamaBackbone` / `Llama3Backbone` -> `MixtralBackbone` with
+      `sliding_window=None` (exact; refused with Llama 3.1's RoPE frequency
+      scaling). Tied embeddings are untied into Mixtral's output projection.
+    - `Qwen3Backbone` -> `Qwen3MoeBackbone` with `norm_top_k_prob=True`
+      (exact with `qk_norm_epsilon="rescale"`).
+
+    Args:
+        backbone: The dense KerasHub backbone (left unchanged).
+        n_experts: Positive integer, experts per MoE layer.
+        top_k: Integer from 1 to `n_experts`, experts per token.
+        moe_layers: Which decoder layers become MoE: `"all"`,
+            `"every_other"` (layers 1, 3, 5, ..., Qwen's
+            `decoder_sparse_step=2`) or a sequence of layer indices; the
+            others keep their dense block. Only `Qwen3MoeBackbone` can mix
+            dense and MoE layers: for Mixtral anything but `"all"` is an
+            error.
+        router_initializer: Initializer of the routers' kernels `(d, E)`;
+            `None` keeps the target class's own (KerasHub's
+            `RandomNormal(stddev=0.02)`). The outputs at initialisation do
+            not depend on it; the routing does (a constant router such as
+            `"zeros"` sends every token to the same `top_k` experts, and as
+            the experts are equal the router gets no gradient until they
+            differ).
+        expert_noise: Non-negative float: each expert's kernels get Gaussian
+            noise of standard deviation `expert_noise * std(kernel)` (see
+            `keras_moe.upcycling.expert_copies`). `0` keeps the model exact;
+            anything else breaks the experts' symmetry and the exactness.
+        load_balance_weight: The target's load-balancing loss coefficient
+            (Mixtral's `router_aux_loss_coef`, Qwen3-MoE's
+            `router_aux_loss_coefficient`); `None` keeps the class default.
+        qk_norm_epsilon: Qwen3 only. KerasHub's `Qwen3Attention` normalises
+            queries and keys with epsilon 1e-5, `Qwen3MoeAttention` with
+            1e-6 (not configurable). `"rescale"` (the default) multiplies
+            the query and key kernels by `sqrt(1e-6 / 1e-5)`, which makes
+            the MoE model's normalised queries and keys exactly the dense
+            model's (RMS normalisation is scale-invariant up to epsilon);
+            `"target"` copies them unchanged and lets the target's epsilon
+            apply (a relative difference of about `1e-5 / mean(q^2)` in the
+            normalised queries and keys).
+        seed: Optional integer seed of `expert_noise` and of
+            `router_initializer` (the same on every backend for the noise).
+
+    Returns:
+        A new `MixtralBackbone` or `Qwen3MoeBackbone` with the dense
+        backbone's dtype policy.
+
+    Example:
+
+    >>> import keras
+    >>> import keras_hub
+    >>> from keras_moe.kerashub.upcycle import upcycle
+    >>> dense = keras_hub.models.MistralBackbone(
+    ...     vocabulary_size=64, num_layers=2, num_query_heads=2,
+    ...     num_key_value_heads=1, hidden_dim=16, intermediate_dim=32)
+    >>> moe = upcycle(dense, n_experts=4, top_k=2)
+    >>> type(moe).__name__, moe.num_experts
+    ('MixtralBackbone', 4)
+    >>> x = {"token_ids": np.arange(10)[None], "padding_mask": np.ones((1, 10))}
+    >>> out, ref = keras.ops.convert_to_numpy(moe(x)), keras.ops.convert_to_numpy(dense(x))
+    >>> bool(np.allclose(out, ref, rtol=1e-5, atol=1e-5))
+    True
+
+    References:
+        - Komatsuzaki et al., "Sparse Upcycling: Training Mixture-of-Experts
+          from Dense Checkpoints", ICLR 2023 (arXiv:2212.05055, 2022).
+    """
+    target_cls, _, _ = _family(backbone)
+    n_experts = utils.check_positive_int("n_experts", n_experts)
+    top_k = utils.check_positive_int("top_k", top_k)
+    if top_k > n_experts:
+        raise ValueError(
+            "`top_k` must be an integer from 1 to `n_experts`. "
+            f"Received: top_k={top_k}, n_experts={n_experts}"
+        )
+    moe_layers = _check_moe_layers(moe_layers, backbone.num_layers)
+    expert_noise = utils.check_non_negative_float("expert_noise", expert_noise)
+    if load_balance_weight is not None:
+        load_balance_weight = utils.check_non_negative_float(
+            "load_balance_weight", load_balance_weight
+        )
+    qk_norm_epsilon = utils.check_choice(
+        "qk_norm_epsilon", qk_norm_epsilon, QK_NORM_EPSILON
+    )
+    if seed is not None:
+        seed = utils.check_positive_int("seed", seed, minimum=0)
+    if router_initializer is not None:
+        router_initializer = utils.get_initializer(
+            "router_initializer", router_initializer
+        )
+    _check_not_quantized(backbone)
+
+    if target_cls is keras_hub.models.MixtralBackbone:
+        config = _mixtral_config(
+            backbone, n_experts, top_k, moe_layers, load_balance_weight
+        )
+    else:
+        config = _qwen3_moe_config(
+            backbone, n_experts, top_k, moe_layers, load_balance_weight
+        )
+    target = target_cls(**config, dtype=backbone.dtype_policy)
+    rng = np.random.default_rng(seed)
+    copier = _Copier(target)
+
+    source_embedding, target_embedding = (
+        backbone.token_embedding,
+        target.token_embedding,
+    )
+    copier.assign(target_embedding.embeddings, _numpy(source_embedding.embeddings))
+    if not target_embedding.tie_weights:
+        if source_embedding.tie_weights:
+            reverse = _numpy(source_embedding.embeddings).T
+        else:
+            reverse = _numpy(source_embedding.reverse_embeddings)
+        copier.assign(target_embedding.reverse_embeddings, reverse)
+    copier.copy_layer(target.layer_norm, backbone.layer_norm)
+
+    layers = zip(backbone.transformer_layers, target.transformer_layers)
+    for index, (source, decoder) in enumerate(layers):
+        copier.copy_layer(decoder._self_attention_layer, source._self_attention_layer)
+        if qk_norm_epsilon == "rescale":
+            _rescale_qk_norm(copier, decoder, source)
+        copier.copy_layer(
+            decoder._self_attention_layernorm, source._self_attention_layernorm
+        )
+        copier.copy_layer(decoder._feedforward_layernorm, source._feedforward_layernorm)
+        block = getattr(decoder, "_sparse_moe_block", None)
+        if block is None:
+            block = decoder.mlp
+        if hasattr(block, "expert_bank"):
+            router = block._sparse_feedforward_gate_dense.kernel
+            if router_initializer is None:
+                copier.done.add(id(router))
+            else:
+                value = _initial_value(router_initializer, router, seed, index)
+                copier.assign(router, value)
+            _copy_experts(copier, block.expert_bank, source, expert_noise, rng)
+        else:
+            # A layer that Qwen3-MoE keeps dense (`mlp_only_layers`).
+            for name in _FFN_KERNELS:
+                copier.assign(
+                    getattr(block, name).kernel, _numpy(getattr(source, name).kernel)
+                )
+    copier.check_complete()
+    return target
+
+
+def _initial_value(initializer, variable, seed, index):
+    config = initializer.get_config()
+    if seed is not None and "seed" in config:
+        # One seed per layer: equal routers in every layer would be a coincidence
+        # the user did not ask for.
+        initializer = type(initializer).from_config({**config, "seed": seed + index})
+    value = initializer(tuple(variable.shape), dtype=variable.dtype)
+    return keras.ops.convert_to_numpy(value)
+
+
+def _rescale_qk_norm(copier, decoder, source):
+    """Matches a target's query/key RMS-norm epsilon by scaling their kernels.
+
+    `rms(c * q; e_t) = q / sqrt(mean(q^2) + e_t / c^2)`: with
+    `c = sqrt(e_t / e_s)` the target normalises as the source did.
+    """
+    attention, source_attention = (
+        decoder._self_attention_layer,
+        (source._self_attention_layer),
+    )
+    pairs = [
+        ("_query_dense", "_query_dense_layer_norm"),
+        ("_key_dense", "_key_dense_layer_norm"),
+    ]
+    for dense, norm in pairs:
+        if not hasattr(attention, norm):
+            return
+        target_eps = getattr(attention, norm).epsilon
+        source_eps = getattr(source_attention, norm).epsilon
+        if target_eps == source_eps:
+            continue
+        scale = np.sqrt(target_eps / source_eps)
+        kernel = getattr(attention, dense).kernel
+        copier.assign(kernel, _numpy(getattr(source_attention, dense).kernel) * scale)
