@@ -276,15 +276,14 @@ def test_causal_lm_without_preprocessor_has_none():
 
 
 def test_sparsify_runs_the_upcycled_model_sparse_and_exact():
-    try:
-        from keras_moe.kerashub import sparsify
-    except ImportError:
-        skip_or_fail("keras_moe.kerashub.sparsify does not exist yet")
+    from keras_moe.kerashub import sparsify
+
     dense = dense_backbone("mistral")
     moe = upcycle(dense, n_experts=4, top_k=2)
-    sparse = sparsify(moe)
-    sparse = moe if sparse is None else sparse
-    assert relative_error(sparse(TOKENS), dense(TOKENS)) <= 1e-5
+    assert sparsify(moe) is moe
+    block = moe.transformer_layers[0]._sparse_moe_block
+    assert type(block).__name__ == "SparseMixtralSparseMoeBlock"
+    assert relative_error(moe(TOKENS), dense(TOKENS)) <= 1e-5
 
 
 def _mistral_with_head_dim():
