@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "jacobian": "keras_moe.experiments.jacobian",
     "mnist1d": "keras_moe.experiments.mnist1d",
     "routing": "keras_moe.experiments.routing",
+    "upcycling": "keras_moe.experiments.upcycling",
 }
 
 
