@@ -1,0 +1,111 @@
+"""Layer cost of each routing method against token choice, at equal active compute.
+
+On `(batch, tokens, d)` inputs, timed on the current backend side by side in
+one process and interleaved (`benchmarks.harness.compare`, medians), forward
+and forward+backward, ratios against `token_choice`:
+
+- `token_choice`: `MoEFeedForward` (top-k, dropless, load-balancing loss);
+- `token_choice_bias`: the same with `balance_bias_rate` (the biased choice
+  and, in training, the bias update) and no loss;
+- `expert_choice`: `MoEFeedForward(router="expert_choice")`, each expert
+  taking `top_k * n / E` of the batch's `n` tokens;
+- `soft_moe`: `SoftMoE` with `top_k * tokens / E` slots per expert (as many
+  expert rows per sequence as top-k token choice runs).
+
+    python -m benchmarks.routers                       # current KERAS_BACKEND
+    KERAS_BACKEND=tensorflow python -m benchmarks.routers --repeats 11
+
+Steps as the harness compiles them: `jax.jit` on JAX,
+`tf.function(jit_compile=True)` on TensorFlow, eager on PyTorch (unless
+`KERAS_MOE_BENCH_TORCH=compile`).
+"""
+
+import argparse
+
+import numpy as np
+
+from benchmarks import harness
+from keras_moe import MoEFeedForward
+from keras_moe import SoftMoE
+
+BASELINE = "token_choice"
+
+
+def layers(tokens, intermediate_dim, n_experts, top_k):
+    """`{name: () -> layer}` of every router, at top-k's active compute."""
+    common = {"top_k": top_k, "activation": "gelu"}
+    slots = max(1, round(top_k * tokens / n_experts))
+    return {
+        "token_choice": lambda: MoEFeedForward(
+            intermediate_dim, n_experts, load_balance_weight=0.01, **common
+        ),
+        "token_choice_bias": lambda: MoEFeedForward(
+            intermediate_dim,
+            n_experts,
+            load_balance_weight=0.0,
+            balance_bias_rate=1e-3,
+            **common,
+        ),
+        "expert_choice": lambda: MoEFeedForward(
+            intermediate_dim, n_experts, router="expert_choice", **common
+        ),
+        "soft_moe": lambda: SoftMoE(
+            intermediate_dim, n_experts, slots_per_expert=slots, activation="gelu"
+        ),
+    }
+
+
+def variants(batch, tokens, dim, intermediate_dim, n_experts, top_k):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, tokens, dim)).astype("float32")
+    found = []
+    for name, make in layers(tokens, intermediate_dim, n_experts, top_k).items():
+        found.append(harness.Variant(name, lambda make=make: (make(), x)))
+    return found
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument(
+        "--min-sample-s",
+        type=float,
+        default=0.2,
+        help="each timed sample repeats the step for at least this long",
+    )
+    parser.add_argument(
+        "--size",
+        default="16,64,64,128,8,2",
+        help="batch,tokens,dim,intermediate_dim,experts,top_k (default: the "
+        "routing experiment's ViT-MoE layer on a batch of 16 images)",
+    )
+    args = parser.parse_args(argv)
+    size = tuple(int(v) for v in args.size.split(","))
+    result = harness.compare(
+        variants(*size),
+        BASELINE,
+        repeats=args.repeats,
+        min_sample_s=args.min_sample_s,
+    )
+    result["size"] = dict(
+        zip(
+            ("batch", "tokens", "dim", "intermediate_dim", "experts", "top_k"),
+            size,
+        )
+    )
+    print(
+        f"backend={harness.BACKEND}, size {args.size} "
+        "(batch,tokens,dim,intermediate_dim,experts,top_k); medians of "
+        f"{args.repeats}, ratios against `{BASELINE}`"
+    )
+    for mode in harness.MODES:
+        ratios = {
+            name: entry.get(mode, {}).get("ratio", float("nan"))
+            for name, entry in result["variants"].items()
+        }
+        print(f"{mode:17s} " + "  ".join(f"{n} {r:.3f}" for n, r in ratios.items()))
+    return result
+
+
+if __name__ == "__main__":
+    main()
