@@ -48,10 +48,9 @@ def full_precision(variable):
     """A variable's own value, not cast to the compute dtype.
 
     Inside a mixed-precision layer's call, reading a variable casts it to the
-    compute dtype (Keras's autocast); a float32 router needs its kernel as it
-    is stored. `variable.value` is read inside the scope: on TensorFlow a
-    converted Keras variable is read later, under the layer's autocast.
-    """
+    compute dtype (Keras's autocast); a float32 router needs its kernel as
+    stored. Read inside the scope: on TensorFlow a converted Keras variable
+    is read later, under the layer's autocast."""
     with AutocastScope(None):
         return variable.value
 
