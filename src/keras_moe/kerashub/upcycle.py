@@ -351,7 +351,7 @@ def upcycle(
 
     >>> import keras
     >>> import keras_hub
-    >>> from keras_moe.kerashub.upcycle import upcycle
+    >>> from keras_moe.kerashub import upcycle
     >>> dense = keras_hub.models.MistralBackbone(
     ...     vocabulary_size=64, num_layers=2, num_query_heads=2,
     ...     num_key_value_heads=1, hidden_dim=16, intermediate_dim=32)

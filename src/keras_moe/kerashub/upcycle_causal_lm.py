@@ -49,8 +49,14 @@ def upcycle_causal_lm(
     Args:
         causal_lm: A `MistralCausalLM`, `LlamaCausalLM`, `Llama3CausalLM` or
             `Qwen3CausalLM` (left unchanged).
-        n_experts, top_k, moe_layers, router_initializer, expert_noise,
-            load_balance_weight, qk_norm_epsilon, seed: As in `upcycle`.
+        n_experts: Number of experts per MoE block, as in `upcycle`.
+        top_k: Experts per token, as in `upcycle`.
+        moe_layers: Which decoder layers become MoE, as in `upcycle`.
+        router_initializer: The routers' initial kernel, as in `upcycle`.
+        expert_noise: Noise added to the expert copies, as in `upcycle`.
+        load_balance_weight: The auxiliary loss's weight, as in `upcycle`.
+        qk_norm_epsilon: Qwen3's query/key norm epsilon, as in `upcycle`.
+        seed: Seed of the router initialisation and noise, as in `upcycle`.
 
     Returns:
         A new `MixtralCausalLM` or `Qwen3MoeCausalLM`. A Llama 3 tokenizer
@@ -60,7 +66,7 @@ def upcycle_causal_lm(
     Example:
 
     >>> import keras_hub
-    >>> from keras_moe.kerashub.upcycle_causal_lm import upcycle_causal_lm
+    >>> from keras_moe.kerashub import upcycle_causal_lm
     >>> backbone = keras_hub.models.MistralBackbone(
     ...     vocabulary_size=64, num_layers=1, num_query_heads=2,
     ...     num_key_value_heads=1, hidden_dim=16, intermediate_dim=32)
