@@ -34,6 +34,7 @@ import keras_moe
 from keras_moe import Conv2DMoE
 from keras_moe import DenseMoE
 from keras_moe import MoEFeedForward
+from keras_moe import SoftMoE
 
 MESH_SHAPE = (2, 4)
 BATCH = 12  # 6 per data-parallel replica
@@ -45,8 +46,9 @@ TOLERANCE = 2e-5
 def build_model():
     """A small network with every expert-weight layout the map must handle:
     conv experts, token-routed experts (`MoEFeedForward` dropless, the
-    default, and `DenseMoE` with `top_k` and a capacity) and a soft
-    `DenseMoE`. The capacity is per routing group (each batch shard routes its
+    default, and `DenseMoE` with `top_k` and a capacity), expert-choice
+    routing (over the whole batch: the same on one device), a `SoftMoE` and a
+    soft `DenseMoE`. The capacity is per routing group (each batch shard routes its
     own tokens under the distribution, one group on one device): 4.0 holds
     every assignment of a group of 150 tokens, so the two runs drop nothing
     and stay comparable."""
@@ -63,6 +65,8 @@ def build_model():
     h = keras.layers.Reshape((TOKENS, 4))(h)
     h = keras.layers.Dense(20, name="embed")(h)
     h = MoEFeedForward(24, 8, top_k=2, gated=True, name="ffn_experts")(h)
+    h = MoEFeedForward(16, 8, router="expert_choice", name="ffn_expert_choice")(h)
+    h = SoftMoE(16, 4, name="soft_moe")(h)
     h = DenseMoE(
         14, 8, top_k=2, capacity_factor=4.0, expert_activation="relu", name="top2"
     )(h)

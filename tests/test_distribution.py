@@ -23,6 +23,7 @@ from keras_moe import Conv2DMoE
 from keras_moe import Conv3DMoE
 from keras_moe import DenseMoE
 from keras_moe import MoEFeedForward
+from keras_moe import SoftMoE
 from tests import distribution_worker
 from tests.conftest import BACKEND
 from tests.conftest import REPO
@@ -95,6 +96,8 @@ def test_expert_parallel_on_eight_simulated_devices(tmp_path):
     assert {r["path"] for r in rows} >= {
         "conv_experts/expert_kernel",
         "my_dense_experts/expert_kernel",
+        "ffn_expert_choice/expert_up_kernel",
+        "soft_moe/expert_down_kernel",
     }
     for r in rows:
         assert r["shard_shapes"][0][r["axis"]] * 4 == r["full"][r["axis"]]
@@ -279,6 +282,8 @@ def test_same_name_in_another_layer_is_left_to_the_user_map():
         (DenseMoE(6, 4, top_k=2, capacity_factor=2.0), (2, 3, 5)),
         (MoEFeedForward(8, 4, gated=True), (2, 3, 5)),
         (MoEFeedForward(8, 4, use_bias=False), (2, 5)),
+        (MoEFeedForward(8, 4, router="expert_choice"), (2, 3, 5)),
+        (SoftMoE(8, 4, slots_per_expert=2), (2, 3, 5)),
     ],
 )
 def test_declared_expert_axes_match_the_weights(layer, input_shape):
