@@ -373,6 +373,10 @@ class BaseConvMoE(BaseMoE):
 
     def call(self, inputs, training=None):
         inputs = self._to_compute_dtype(inputs)
+        if inputs.shape[0] == 0:
+            # An empty batch gives an empty output, as `Conv2D` does:
+            # TensorFlow's CPU convolution returns its input unchanged there.
+            return ops.zeros(self.compute_output_shape(inputs.shape), inputs.dtype)
         gates_shape = (self.n_filters, self.n_experts_per_filter)
         logits = self.gate_logits(inputs)
         if self.gating_input == "local":
