@@ -25,4 +25,8 @@ fi
 keras-moe cifar10 "${data[@]}" "$@"
 echo
 echo "The original's full protocol (50,000 images, 16 epochs, 4 runs per model, with controls):"
-echo "  results/cifar10-full/summary.md (command: bash scripts/cifar10_full.sh)"
+if [ -e results/cifar10-full/summary.md ]; then
+  echo "  results/cifar10-full/summary.md (command: bash scripts/cifar10_full.sh)"
+else
+  echo "  not finished yet; bash scripts/cifar10_full.sh runs it in resumable slices into results/cifar10-full/"
+fi
