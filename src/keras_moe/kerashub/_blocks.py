@@ -134,53 +134,97 @@ def _swap(layer, cls, state=None):
         layer._keras_moe = state
 
 
-def _flat(hidden_states, hidden_dim):
-    return ops.reshape(hidden_states, (-1, hidden_dim))
-
-
-# Mixtral ---------------------------------------------------------------------
-
-
-class SparseMixtralMoeExperts(MixtralMoeExperts):
-    """`MixtralMoeExperts` that declares its expert weights."""
+class _ExpertBank:
+    """An expert bank that declares its `_expert_weights` (experts on axis 0)."""
 
     def expert_weight_axes(self):
         """Weight name -> experts axis (`keras_moe.expert_parallel_layout_map`)."""
-        return {
-            "expert_feedforward_gate_dense": 0,
-            "expert_feedforward_intermediate_dense": 0,
-            "expert_feedforward_output_dense": 0,
-        }
+        return dict.fromkeys(self._expert_weights, 0)
 
 
-class SparseMixtralSparseMoeBlock(MixtralSparseMoeBlock):
-    """`MixtralSparseMoeBlock` that runs each token's top-k experts only."""
+def _dense_weights(weights, experts, n_experts, dtype):
+    """`(tokens, experts)` weights, as KerasHub's routers return them."""
+    one_hot = ops.one_hot(experts, n_experts, dtype=dtype)
+    return ops.sum(one_hot * ops.expand_dims(weights, -1), axis=1)
 
-    def call(self, hidden_states, attention_mask=None, training=False):
+
+class _SparseBlock:
+    """What the sparse blocks' `call`s share (`_keras_moe` holds the state)."""
+
+    def _sparse_call(
+        self,
+        hidden_states,
+        router,
+        attention_mask=None,
+        training=None,
+        loss=None,
+        loss_coefficient=None,
+        normalize_top_k=True,
+        softmax_before_top_k=True,
+        shared_expert=None,
+        jitter_noise=0.0,
+    ):
+        """`(outputs, router_logits, weights, experts)`: each token through
+        its top-k experts (by the `router` Dense) plus `shared_expert`; in
+        training, KerasHub's `loss` times `loss_coefficient`, and jitter."""
         state = self._keras_moe
-        tokens = _flat(hidden_states, self.hidden_dim)
-        if training and self.router_jitter_noise > 0:
+        tokens = ops.reshape(hidden_states, (-1, self.hidden_dim))
+        if training and jitter_noise > 0:
             # KerasHub's jitter, drawn as KerasHub draws it.
             tokens = tokens * ops.random.uniform(
                 shape=ops.shape(tokens),
-                minval=1.0 - self.router_jitter_noise,
-                maxval=1.0 + self.router_jitter_noise,
+                minval=1.0 - jitter_noise,
+                maxval=1.0 + jitter_noise,
                 dtype=tokens.dtype,
             )
-        router_logits = state.logits(self._sparse_feedforward_gate_dense, tokens)
+        router_logits = state.logits(router, tokens)
         weights, experts, _ = routing.top_k_gates(
-            router_logits, self.top_k, normalize_top_k=True, softmax_before_top_k=True
+            router_logits,
+            self.top_k,
+            normalize_top_k=normalize_top_k,
+            softmax_before_top_k=softmax_before_top_k,
         )
         out = state.mixture(tokens, weights, experts)
-        if training:
-            aux_loss = mixtral_decoder.compute_load_balancing_loss(
+        if shared_expert is not None:
+            out = out + shared_expert(tokens)
+        if training and loss is not None:
+            aux_loss = loss(
                 router_logits=router_logits,
                 num_experts=self.num_experts,
                 top_k=self.top_k,
                 attention_mask=attention_mask,
             )
-            self.add_loss(self.router_aux_loss_coef * aux_loss)
-        return ops.reshape(out, ops.shape(hidden_states)), router_logits
+            self.add_loss(loss_coefficient * aux_loss)
+        out = ops.reshape(out, ops.shape(hidden_states))
+        return out, router_logits, weights, experts
+
+
+# Mixtral ---------------------------------------------------------------------
+
+
+class SparseMixtralMoeExperts(_ExpertBank, MixtralMoeExperts):
+    """`MixtralMoeExperts` that declares its expert weights."""
+
+    _expert_weights = (
+        "expert_feedforward_gate_dense",
+        "expert_feedforward_intermediate_dense",
+        "expert_feedforward_output_dense",
+    )
+
+
+class SparseMixtralSparseMoeBlock(_SparseBlock, MixtralSparseMoeBlock):
+    """`MixtralSparseMoeBlock` that runs each token's top-k experts only."""
+
+    def call(self, hidden_states, attention_mask=None, training=False):
+        return self._sparse_call(
+            hidden_states,
+            self._sparse_feedforward_gate_dense,
+            attention_mask,
+            training,
+            loss=mixtral_decoder.compute_load_balancing_loss,
+            loss_coefficient=self.router_aux_loss_coef,
+            jitter_noise=self.router_jitter_noise,
+        )[:2]
 
 
 def _sparsify_mixtral(block, router_dtype):
@@ -206,182 +250,125 @@ def _sparsify_mixtral(block, router_dtype):
 # Qwen1.5/2-MoE, Qwen3-MoE, Qwen3.5-MoE ---------------------------------------
 
 
-def _qwen_expert_axes():
-    return {"expert_feedforward_gate_dense": 0, "expert_feedforward_output_dense": 0}
+class _SparseQwenExperts(_ExpertBank):
+    """The expert weights of the Qwen families' banks."""
+
+    _expert_weights = (
+        "expert_feedforward_gate_dense",
+        "expert_feedforward_output_dense",
+    )
 
 
-class SparseQwenMoeExperts(QwenMoeExperts):
+class SparseQwenMoeExperts(_SparseQwenExperts, QwenMoeExperts):
     """`QwenMoeExperts` that declares its expert weights."""
 
-    def expert_weight_axes(self):
-        """Weight name -> experts axis (`keras_moe.expert_parallel_layout_map`)."""
-        return _qwen_expert_axes()
 
-
-class SparseQwen3MoeExperts(Qwen3MoeExperts):
+class SparseQwen3MoeExperts(_SparseQwenExperts, Qwen3MoeExperts):
     """`Qwen3MoeExperts` that declares its expert weights."""
 
-    def expert_weight_axes(self):
-        """Weight name -> experts axis (`keras_moe.expert_parallel_layout_map`)."""
-        return _qwen_expert_axes()
 
-
-class SparseQwen3_5MoeExperts(Qwen3_5MoeExperts):
+class SparseQwen3_5MoeExperts(_SparseQwenExperts, Qwen3_5MoeExperts):
     """`Qwen3_5MoeExperts` that declares its expert weights."""
 
-    def expert_weight_axes(self):
-        """Weight name -> experts axis (`keras_moe.expert_parallel_layout_map`)."""
-        return _qwen_expert_axes()
+
+class _SparseQwenBlock(_SparseBlock):
+    """The sparse Qwen blocks' `call`: `_balancing_loss` is the family's
+    KerasHub loss function, `_shared_expert` None or a function of tokens."""
+
+    _shared_expert = None
+
+    def call(self, hidden_states, attention_mask=None, training=None):
+        router = getattr(self, "_sparse_feedforward_gate_dense", None)
+        if router is None:  # Qwen3.5-MoE, whose top-k weights are normalised
+            router = self._router_gate
+        return self._sparse_call(
+            hidden_states,
+            router,
+            attention_mask,
+            training,
+            loss=self._balancing_loss,
+            loss_coefficient=self.router_aux_loss_coefficient,
+            normalize_top_k=getattr(self, "norm_top_k_prob", True),
+            shared_expert=self._shared_expert,
+        )[:2]
 
 
-def _qwen_routed(block, tokens, normalize_top_k):
-    """The routed experts' output and the router logits of a Qwen block."""
-    state = block._keras_moe
-    dense = getattr(block, "_sparse_feedforward_gate_dense", None)
-    if dense is None:  # Qwen3.5-MoE
-        dense = block._router_gate
-    router_logits = state.logits(dense, tokens)
-    weights, experts, _ = routing.top_k_gates(
-        router_logits,
-        block.top_k,
-        normalize_top_k=normalize_top_k,
-        softmax_before_top_k=True,
-    )
-    return state.mixture(tokens, weights, experts), router_logits
-
-
-class SparseQwenSparseMoeBlock(QwenSparseMoeBlock):
+class SparseQwenSparseMoeBlock(_SparseQwenBlock, QwenSparseMoeBlock):
     """`QwenSparseMoeBlock` that runs each token's top-k experts only."""
 
-    def call(self, hidden_states, attention_mask=None, training=None):
-        tokens = _flat(hidden_states, self.hidden_dim)
-        routed, router_logits = _qwen_routed(self, tokens, self.norm_top_k_prob)
+    _balancing_loss = staticmethod(qwen_moe_decoder.compute_load_balancing_loss)
+
+    def _shared_expert(self, tokens):
         shared = self.shared_expert_dense(tokens)
         shared *= ops.sigmoid(self.shared_expert_gate_dense(tokens))
-        out = routed + shared
-        if training:
-            aux_loss = qwen_moe_decoder.compute_load_balancing_loss(
-                router_logits=router_logits,
-                num_experts=self.num_experts,
-                top_k=self.top_k,
-                attention_mask=attention_mask,
-            )
-            self.add_loss(self.router_aux_loss_coefficient * aux_loss)
-        return ops.reshape(out, ops.shape(hidden_states)), router_logits
+        return shared
 
 
-class SparseQwen3SparseMoeBlock(Qwen3SparseMoeBlock):
+class SparseQwen3SparseMoeBlock(_SparseQwenBlock, Qwen3SparseMoeBlock):
     """`Qwen3SparseMoeBlock` that runs each token's top-k experts only."""
 
-    def call(self, hidden_states, attention_mask=None, training=None):
-        tokens = _flat(hidden_states, self.hidden_dim)
-        out, router_logits = _qwen_routed(self, tokens, self.norm_top_k_prob)
-        if training:
-            aux_loss = qwen3_moe_decoder.compute_load_balancing_loss(
-                router_logits=router_logits,
-                num_experts=self.num_experts,
-                top_k=self.top_k,
-                attention_mask=attention_mask,
-            )
-            self.add_loss(self.router_aux_loss_coefficient * aux_loss)
-        return ops.reshape(out, ops.shape(hidden_states)), router_logits
+    _balancing_loss = staticmethod(qwen3_moe_decoder.compute_load_balancing_loss)
 
 
-class SparseQwen3_5MoeSparseMoeBlock(Qwen3_5MoeSparseMoeBlock):
+class SparseQwen3_5MoeSparseMoeBlock(_SparseQwenBlock, Qwen3_5MoeSparseMoeBlock):
     """`Qwen3_5MoeSparseMoeBlock` that runs each token's top-k experts only."""
 
-    def call(self, hidden_states, attention_mask=None, training=None):
-        tokens = _flat(hidden_states, self.hidden_dim)
+    _balancing_loss = staticmethod(qwen3_5_moe_decoder.compute_load_balancing_loss)
+
+    def _shared_expert(self, tokens):
         shared = self.shared_expert(tokens)
-        shared = ops.sigmoid(self._shared_expert_gate(tokens)) * shared
-        routed, router_logits = _qwen_routed(self, tokens, True)
-        out = routed + shared
-        if training:
-            aux_loss = qwen3_5_moe_decoder.compute_load_balancing_loss(
-                router_logits=router_logits,
-                num_experts=self.num_experts,
-                top_k=self.top_k,
-                attention_mask=attention_mask,
-            )
-            self.add_loss(self.router_aux_loss_coefficient * aux_loss)
-        return ops.reshape(out, ops.shape(hidden_states)), router_logits
+        return ops.sigmoid(self._shared_expert_gate(tokens)) * shared
 
 
-def _sparsify_qwen(block, router_dtype, sparse_block, sparse_bank, activation_dtype):
-    bank = block.expert_bank
-    experts = bind_experts(
-        block,
-        bank.intermediate_dim,
-        block.num_experts,
-        {
-            "expert_gate_up_kernel": bank._expert_feedforward_gate_dense,
-            "expert_down_kernel": bank._expert_feedforward_output_dense,
-        },
-        activation=getattr(bank, "activation", "silu"),
-        use_bias=False,
-        gate_up_layout="concatenated",
-        activation_dtype=activation_dtype,
-    )
-    _swap(bank, sparse_bank)
-    _swap(block, sparse_block, SparseState(experts, router_dtype, None))
-    return [bank]
+def _sparsify_qwen(sparse_block, sparse_bank, activation_dtype=None):
+    """A Qwen family's sparsifier, given its classes and activation dtype."""
 
+    def sparsify(block, router_dtype):
+        bank = block.expert_bank
+        experts = bind_experts(
+            block,
+            bank.intermediate_dim,
+            block.num_experts,
+            {
+                "expert_gate_up_kernel": bank._expert_feedforward_gate_dense,
+                "expert_down_kernel": bank._expert_feedforward_output_dense,
+            },
+            activation=getattr(bank, "activation", "silu"),
+            use_bias=False,
+            gate_up_layout="concatenated",
+            activation_dtype=activation_dtype,
+        )
+        _swap(bank, sparse_bank)
+        _swap(block, sparse_block, SparseState(experts, router_dtype, None))
+        return [bank]
 
-def _sparsify_qwen_moe(block, router_dtype):
-    return _sparsify_qwen(
-        block, router_dtype, SparseQwenSparseMoeBlock, SparseQwenMoeExperts, None
-    )
-
-
-def _sparsify_qwen3_moe(block, router_dtype):
-    return _sparsify_qwen(
-        block, router_dtype, SparseQwen3SparseMoeBlock, SparseQwen3MoeExperts, None
-    )
-
-
-def _sparsify_qwen3_5_moe(block, router_dtype):
-    # Qwen3.5-MoE's experts compute SiLU in float32 (`Qwen3_5MoeExperts.call`).
-    return _sparsify_qwen(
-        block,
-        router_dtype,
-        SparseQwen3_5MoeSparseMoeBlock,
-        SparseQwen3_5MoeExperts,
-        "float32",
-    )
+    return sparsify
 
 
 # GPT-OSS ---------------------------------------------------------------------
 
 
-class SparseGptOssExperts(GptOssExperts):
+class SparseGptOssExperts(_ExpertBank, GptOssExperts):
     """`GptOssExperts` that declares its expert weights."""
 
-    def expert_weight_axes(self):
-        """Weight name -> experts axis (`keras_moe.expert_parallel_layout_map`)."""
-        return {
-            "gate_up_proj": 0,
-            "gate_up_proj_bias": 0,
-            "down_proj": 0,
-            "down_proj_bias": 0,
-        }
+    _expert_weights = (
+        "gate_up_proj",
+        "gate_up_proj_bias",
+        "down_proj",
+        "down_proj_bias",
+    )
 
 
-class SparseGptOssSparseMoeBlock(GptOssSparseMoeBlock):
+class SparseGptOssSparseMoeBlock(_SparseBlock, GptOssSparseMoeBlock):
     """`GptOssSparseMoeBlock` that runs each token's top-k experts only."""
 
     def call(self, hidden_states):
-        state = self._keras_moe
-        tokens = _flat(hidden_states, self.hidden_dim)
-        router_logits = state.logits(self.router.router_dense, tokens)
         # GPT-OSS's order: the softmax over the top-k logits.
-        weights, experts, _ = routing.top_k_gates(
-            router_logits, self.top_k, normalize_top_k=True, softmax_before_top_k=False
+        out, _, weights, experts = self._sparse_call(
+            hidden_states, self.router.router_dense, softmax_before_top_k=False
         )
-        out = state.mixture(tokens, weights, experts)
         # The block returns the `(tokens, experts)` router scores, as KerasHub's.
-        one_hot = ops.one_hot(experts, self.num_experts, dtype=weights.dtype)
-        router_scores = ops.sum(one_hot * ops.expand_dims(weights, -1), axis=1)
-        return ops.reshape(out, ops.shape(hidden_states)), router_scores
+        return out, _dense_weights(weights, experts, self.num_experts, weights.dtype)
 
 
 def _sparsify_gpt_oss(block, router_dtype):
@@ -430,13 +417,14 @@ class SparseGemma4Router(Gemma4Router):
             normalize_top_k=True,
             softmax_before_top_k=True,
         )
-        one_hot = ops.one_hot(experts, self.num_experts, dtype="float32")
-        return ops.sum(one_hot * ops.expand_dims(weights, -1), axis=1)
+        return _dense_weights(weights, experts, self.num_experts, "float32")
 
 
-class SparseGemma4MoEBlock(Gemma4MoEBlock):
+class SparseGemma4MoEBlock(_ExpertBank, Gemma4MoEBlock):
     """`Gemma4MoEBlock` (the expert bank) that runs each token's top-k experts
     only, and declares its expert weights."""
+
+    _expert_weights = ("gate_proj", "up_proj", "down_proj", "per_expert_scale")
 
     def call(self, x, dispatch_weights):
         state = self._keras_moe
@@ -448,10 +436,6 @@ class SparseGemma4MoEBlock(Gemma4MoEBlock):
         scale = ops.cast(self.per_expert_scale, weights.dtype)
         weights = weights * ops.take(scale, experts, axis=0)
         return state.mixture(x, weights, experts)
-
-    def expert_weight_axes(self):
-        """Weight name -> experts axis (`keras_moe.expert_parallel_layout_map`)."""
-        return {"gate_proj": 0, "up_proj": 0, "down_proj": 0, "per_expert_scale": 0}
 
 
 def _sparsify_gemma4(decoder, router_dtype):
@@ -482,9 +466,14 @@ def _sparsify_gemma4(decoder, router_dtype):
 # sparsifies one of them in place and returns the expert banks to shard.
 SPARSIFIERS = {
     MixtralSparseMoeBlock: _sparsify_mixtral,
-    QwenSparseMoeBlock: _sparsify_qwen_moe,
-    Qwen3SparseMoeBlock: _sparsify_qwen3_moe,
-    Qwen3_5MoeSparseMoeBlock: _sparsify_qwen3_5_moe,
+    QwenSparseMoeBlock: _sparsify_qwen(SparseQwenSparseMoeBlock, SparseQwenMoeExperts),
+    Qwen3SparseMoeBlock: _sparsify_qwen(
+        SparseQwen3SparseMoeBlock, SparseQwen3MoeExperts
+    ),
+    # Qwen3.5-MoE's experts compute SiLU in float32 (`Qwen3_5MoeExperts.call`).
+    Qwen3_5MoeSparseMoeBlock: _sparsify_qwen(
+        SparseQwen3_5MoeSparseMoeBlock, SparseQwen3_5MoeExperts, "float32"
+    ),
     GptOssSparseMoeBlock: _sparsify_gpt_oss,
     Gemma4TextDecoderBlock: _sparsify_gemma4,
 }
