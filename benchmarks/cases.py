@@ -19,6 +19,7 @@ import numpy as np
 import keras_moe
 from benchmarks import formulations
 from benchmarks import harness
+from benchmarks import kerashub_families
 from benchmarks.harness import Variant
 
 MOE = {"expert_activation": "relu", "gating_activation": "softmax"}
@@ -31,7 +32,18 @@ FULL = {
     "conv2d": {"batch": 64, "spatial": (32, 32), "channels": 32, "filters": 32},
     "conv3d": {"batch": 8, "spatial": (12, 12, 12), "channels": 16, "filters": 16},
     "ffn": {"batch": 16, "seq": 256, "dim": 256, "inter": 512, "experts": 16, "k": 2},
-    "hub": {"batch": 4, "seq": 256, "dim": 256, "inter": 512, "experts": (8, 16)},
+    "hub": {
+        "batch": 4,
+        "seq": 256,
+        "layers": 2,
+        "dim": 256,
+        "inter": 512,
+        "heads": 4,
+        "kv_heads": 2,
+        "vocabulary": 512,
+        "k": 2,
+        "experts": (8, 16),
+    },
     "cifar": {"batch": 32, "shape": (32, 32, 3), "widths": (32, 64, 512)},
     "sweep": {"batch": 512, "dim": 128, "units": 128, "experts": SWEEP_EXPERTS},
 }
@@ -42,7 +54,18 @@ TINY = {
     "conv2d": {"batch": 2, "spatial": (6, 6), "channels": 3, "filters": 2},
     "conv3d": {"batch": 2, "spatial": (4, 4, 4), "channels": 2, "filters": 2},
     "ffn": {"batch": 2, "seq": 4, "dim": 8, "inter": 8, "experts": 4, "k": 2},
-    "hub": {"batch": 2, "seq": 4, "dim": 8, "inter": 8, "experts": (2, 4)},
+    "hub": {
+        "batch": 2,
+        "seq": 4,
+        "layers": 1,
+        "dim": 32,
+        "inter": 8,
+        "heads": 4,
+        "kv_heads": 2,
+        "vocabulary": 32,
+        "k": 2,
+        "experts": (4,),
+    },
     "cifar": {"batch": 4, "shape": (12, 12, 3), "widths": (4, 6, 16)},
     "sweep": {"batch": 8, "dim": 8, "units": 4, "experts": (1, 2)},
 }
@@ -275,79 +298,6 @@ def feed_forward(size):
     }
 
 
-class TokenBackbone(keras.layers.Layer):
-    """A KerasHub backbone called on token ids alone (no padding), so that
-    the harness can feed it one array."""
-
-    def __init__(self, backbone, **kwargs):
-        super().__init__(**kwargs)
-        self.backbone = backbone
-
-    def call(self, token_ids, training=None):
-        padding_mask = keras.ops.ones_like(token_ids)
-        inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
-        return self.backbone(inputs, training=training)
-
-
-def kerashub_sparsify(size):
-    """A whole KerasHub Mixtral backbone (2 layers, top-2) as KerasHub runs it
-    (every expert on every token) and sparsified (`keras_moe.kerashub`)."""
-    s = size["hub"]
-    b, n, d, m = s["batch"], s["seq"], s["dim"], s["inter"]
-    vocabulary = 512
-    x = np.random.default_rng(0).integers(0, vocabulary, (b, n)).astype("int32")
-
-    def build(n_experts, sparse):
-        import keras_hub
-
-        backbone = keras_hub.models.MixtralBackbone(
-            vocabulary_size=vocabulary,
-            num_layers=2,
-            num_query_heads=4,
-            num_key_value_heads=2,
-            hidden_dim=d,
-            intermediate_dim=m,
-            num_experts=n_experts,
-            top_k=2,
-        )
-        if sparse:
-            from keras_moe.kerashub import sparsify
-
-            sparsify(backbone)
-        return TokenBackbone(backbone), x
-
-    variants, targets = [], []
-    for e in s["experts"]:
-        variants += [
-            Variant(
-                f"kerashub_{e}",
-                lambda e=e: build(e, False),
-                note=f"KerasHub MixtralBackbone, {e} experts (every expert runs)",
-            ),
-            Variant(
-                f"sparsified_{e}",
-                lambda e=e: build(e, True),
-                note=f"the same, keras_moe.kerashub.sparsify, {e} experts",
-            ),
-        ]
-        # The issue's targets: 2.5x at the most experts; a hand-made swap
-        # measured 1.70x at 8 (the fewest).
-        ratio = 2.5 if e == max(s["experts"]) else 1.7
-        targets.append(
-            target(
-                f"kerashub_{e}", f"sparsified_{e}", "forward_backward", min_ratio=ratio
-            )
-        )
-    return {
-        "name": "kerashub_sparsify",
-        "title": f"KerasHub Mixtral backbone, 2 layers, {b}x{n} tokens, d={d}, "
-        f"m={m}, top-2, against the sparsified one",
-        "baseline": f"kerashub_{max(s['experts'])}",
-        "variants": variants,
-        "targets": targets,
-    }
-
-
 def cifar(size):
     s = size["cifar"]
     b = s["batch"]
@@ -433,7 +383,7 @@ CASES = {
     "conv2d": lambda size: conv(size, 2),
     "conv3d": lambda size: conv(size, 3),
     "moe_feed_forward": feed_forward,
-    "kerashub_sparsify": kerashub_sparsify,
+    **kerashub_families.CASES,
     "cifar10": cifar,
     "expert_sweep": expert_sweep,
 }

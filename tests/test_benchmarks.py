@@ -13,6 +13,7 @@ import pytest
 from benchmarks import cases
 from benchmarks import formulations
 from benchmarks import harness
+from benchmarks import kerashub_families
 from benchmarks import report
 from benchmarks import soft_mixing
 from benchmarks import suite
@@ -67,6 +68,15 @@ def test_every_case_builds_and_its_variants_agree_on_shapes(name):
             continue
         if variant.train_step:  # a compiled Sequential: its shape, no eager call
             shapes.add((len(inputs[0]),) + tuple(layer.output_shape[1:]))
+            continue
+        if isinstance(layer, kerashub_families.TokenBackbone):
+            # Eager calls of whole backbones take seconds each;
+            # `test_kerashub_family_case_runs_both_variants` runs them.
+            shapes.add(tuple(layer.compute_output_shape(inputs.shape)))
+            # No trainable weight outside the output: TensorFlow's gradient
+            # of an untied LM head is None, which the harness cannot time.
+            paths = [v.path for v in layer.trainable_variables]
+            assert not [p for p in paths if "reverse_embeddings" in p], paths
             continue
         outputs = layer(inputs)
         if isinstance(outputs, list | tuple):  # Mixtral: (outputs, logits)
@@ -176,6 +186,60 @@ def test_timed_cases_run_every_variant(tiny_results):
         baseline = result["variants"][result["baseline"]]
         for mode in result["modes"]:
             assert baseline[mode]["ratio"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", list(kerashub_families.CASES))
+def test_kerashub_family_case_runs_both_variants(name):
+    # Forward only: compiling a whole backbone's backward takes seconds per
+    # variant (twice the forward's), too long for six families on three
+    # backends; the shape test checks what broke the backward on TensorFlow.
+    mode = "forward"
+    (result,) = suite.run_backend([name], tiny=True, repeats=1, modes=(mode,)).values()
+    family = name.removeprefix("kerashub_")
+    assert kerashub_families.CLASSES[family] in result["title"]
+    assert result["backend"] == BACKEND
+    assert result["modes"] == [mode]
+    (e,) = cases.TINY["hub"]["experts"]
+    variants = result["variants"]
+    assert set(variants) == {f"kerashub_{e}", f"sparsified_{e}"}
+    for variant, entry in variants.items():
+        assert "error" not in entry, (variant, entry.get("error"))
+        assert entry[mode]["median_s"] > 0
+        assert "peak_bytes" in entry[mode]["memory"]
+    assert "sparsify" in variants[f"sparsified_{e}"]["note"]
+    # `sparsify` computes on the backbone's own weights: none added or lost.
+    assert variants[f"sparsified_{e}"]["params"] == variants[f"kerashub_{e}"]["params"]
+    assert variants[f"kerashub_{e}"][mode]["ratio"] == pytest.approx(1.0)
+    checked = result["checked_targets"]
+    if family == "mixtral" and BACKEND == "jax":
+        # Mixtral's target is on forward+backward, not run here.
+        assert [c["variant"] for c in checked] == [f"kerashub_{e}"]
+        assert checked[0]["mode"] == "forward_backward"
+        assert checked[0]["passed"] is None
+    else:
+        assert checked == []
+
+
+def test_kerashub_family_cases_share_one_shape_and_keep_mixtrals_targets():
+    for size in (cases.FULL, cases.TINY):
+        s = size["hub"]
+        for name, build_case in kerashub_families.CASES.items():
+            case = build_case(size)
+            assert case["name"] == name
+            assert f"{s['batch']}x{s['seq']} tokens, d={s['dim']}" in case["title"]
+            assert [v.name for v in case["variants"]] == [
+                f"{kind}_{e}"
+                for e in s["experts"]
+                for kind in ("kerashub", "sparsified")
+            ]
+    mixtral = kerashub_families.CASES["kerashub_mixtral"](cases.FULL)
+    assert [(t["variant"], t["over"], t["min_ratio"]) for t in mixtral["targets"]] == [
+        ("kerashub_8", "sparsified_8", 1.7),
+        ("kerashub_16", "sparsified_16", 2.5),
+    ]
+    assert {t["mode"] for t in mixtral["targets"]} == {"forward_backward"}
+    for name in set(kerashub_families.CASES) - {"kerashub_mixtral"}:
+        assert kerashub_families.CASES[name](cases.FULL)["targets"] == []
 
 
 def test_memory_is_reported_where_the_backend_can(tiny_results):
