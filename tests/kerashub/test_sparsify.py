@@ -1,6 +1,8 @@
 """`keras_moe.kerashub.sparsify` on tiny models of every KerasHub MoE family:
-the same variables, outputs, gradients and `fit` losses, generations, saving
-and checkpoints as KerasHub's all-experts blocks."""
+the same variables, outputs, generations, saving and checkpoints as KerasHub's
+all-experts blocks, and the same `model.fit`: from the same weights and a
+fresh optimizer, two epochs of two steps each of SGD with momentum give the
+same per-epoch losses (auxiliary losses included) and the same weights."""
 
 import keras
 import numpy as np
@@ -38,6 +40,21 @@ def assert_close(actual, expected, rtol=RTOL):
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
 
 
+def fit(model, x, y, weights):
+    """Two epochs of `fit`, one sequence a step (4 steps), with a new
+    optimizer whose momentum carries each step's gradients into the next;
+    returns the per-epoch losses and the weights after."""
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+        sampler="greedy",
+        weighted_metrics=[],
+    )
+    history = model.fit(
+        x, y, sample_weight=weights, batch_size=1, epochs=2, shuffle=False, verbose=0
+    )
+    return history.history["loss"], values(model)
+
+
 def generate(model, x):
     prompt = {
         "token_ids": x["token_ids"].copy(),
@@ -48,6 +65,9 @@ def generate(model, x):
     return to_numpy(model.generate(prompt, stop_token_ids=None)["token_ids"])
 
 
+# The checkpoints carry the trained optimizer's momentum, which Keras does not
+# load into the reloaded model's unbuilt optimizer; only model weights matter.
+@pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
 @pytest.mark.parametrize("family", families.FAMILIES)
 def test_sparsify_keeps_weights_outputs_training_and_generation(family, tmp_path):
     keras.utils.set_random_seed(3)
@@ -60,14 +80,11 @@ def test_sparsify_keeps_weights_outputs_training_and_generation(family, tmp_path
     initial = values(model)
     paths = [v.path for v in model.weights]
     ids = [id(v) for v in model.weights]
-    model.compile(
-        optimizer=keras.optimizers.SGD(0.5), sampler="greedy", weighted_metrics=[]
-    )
+    model.compile(sampler="greedy")
 
     dense_logits = to_numpy(model(x))
     dense_tokens = generate(model, x)
-    dense_loss = model.train_on_batch(x, y, sample_weight=weights)
-    dense_step = [after - before for after, before in zip(values(model), initial)]
+    dense_losses, dense_trained = fit(model, x, y, weights)
     set_values(model, initial)
 
     assert sparsify(model) is model
@@ -80,13 +97,17 @@ def test_sparsify_keeps_weights_outputs_training_and_generation(family, tmp_path
 
     assert_close(to_numpy(model(x))[real], dense_logits[real])
     np.testing.assert_array_equal(generate(model, x), dense_tokens)
-    # The loss (with the blocks' auxiliary losses) and the gradients: one
-    # SGD step moves every weight as KerasHub's model does.
-    sparse_loss = model.train_on_batch(x, y, sample_weight=weights)
-    np.testing.assert_allclose(sparse_loss, dense_loss, rtol=RTOL)
-    sparse_step = [after - before for after, before in zip(values(model), initial)]
-    for sparse, dense in zip(sparse_step, dense_step):
-        assert_close(sparse, dense, rtol=1e-4)
+    # The losses (with the blocks' auxiliary losses) and the gradients: the
+    # same `fit` from the same weights and optimizer state moves every weight
+    # as KerasHub's model does, each step from the weights the last one left.
+    # Measured on all three backends: the per-epoch losses within 2e-7
+    # relative, the weights' changes within 9e-6 relative to each variable's
+    # largest change (float32 sums in another order, through four steps).
+    sparse_losses, sparse_trained = fit(model, x, y, weights)
+    assert len(sparse_losses) == len(dense_losses) == 2
+    np.testing.assert_allclose(sparse_losses, dense_losses, rtol=RTOL)
+    for sparse, dense, before in zip(sparse_trained, dense_trained, initial):
+        assert_close(sparse - before, dense - before, rtol=1e-4)
 
     # The `.keras` file reloads as KerasHub's model, with the same outputs,
     # and sparsifies again; checkpoints move between the two both ways.
