@@ -60,6 +60,39 @@ def nonnegative_float(text):
     return value
 
 
+def add_repeats_argument(parser, default, help):
+    """`--repeats`: how many runs of each model (or arm)."""
+    parser.add_argument("--repeats", type=positive_int, default=default, help=help)
+
+
+def add_seed_argument(parser):
+    """`--seed`: run r is seeded with seed + r (`seed_run`)."""
+    parser.add_argument(
+        "--seed", type=nonnegative_int, default=0, help="seed of run r is seed+r"
+    )
+
+
+def add_optimizer_arguments(parser, batch_size, learning_rate):
+    """`--batch-size` and `--learning-rate`, with the experiment's defaults."""
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size)
+    parser.add_argument("--learning-rate", type=positive_float, default=learning_rate)
+
+
+def apply_quick(args, **limits):
+    """With `--quick`: one run, and each named setting at most its limit."""
+    if args.quick:
+        args.repeats = 1
+        for name, limit in limits.items():
+            setattr(args, name, min(getattr(args, name), limit))
+
+
+def seed_run(args, repeat):
+    """Seeds Keras for run `repeat` (`--seed` + repeat); returns that seed."""
+    seed = args.seed + repeat
+    keras.utils.set_random_seed(seed)
+    return seed
+
+
 def now():
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -180,6 +213,16 @@ def write_json(out, results, name="results.json"):
 def write_text(out, name, text):
     text = text.rstrip() + "\n"
     return replace_atomically(pathlib.Path(out) / name, lambda p: p.write_text(text))
+
+
+def write_outputs(out, results, plot, plot_name, summary):
+    """Writes results.json, `plot(results, out / plot_name)` and summary.md
+    (`summary(results)`) to `out`; returns their paths."""
+    return [
+        write_json(out, results),
+        plot(results, pathlib.Path(out) / plot_name),
+        write_text(out, "summary.md", summary(results)),
+    ]
 
 
 def report_written(paths):

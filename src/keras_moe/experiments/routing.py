@@ -58,9 +58,7 @@ def add_arguments(parser):
         "--models", nargs="+", choices=MODELS, default=list(MODELS), help="models"
     )
     parser.add_argument("--epochs", type=common.positive_int, default=5)
-    parser.add_argument(
-        "--repeats", type=common.positive_int, default=3, help="runs per model"
-    )
+    common.add_repeats_argument(parser, 3, "runs per model")
     parser.add_argument(
         "--train-size",
         type=common.positive_int,
@@ -73,8 +71,7 @@ def add_arguments(parser):
         default=1000,
         help="random test subset size",
     )
-    parser.add_argument("--batch-size", type=common.positive_int, default=128)
-    parser.add_argument("--learning-rate", type=common.positive_float, default=1e-3)
+    common.add_optimizer_arguments(parser, batch_size=128, learning_rate=1e-3)
     parser.add_argument(
         "--dim", type=common.positive_int, default=64, help="ViT width (the example's)"
     )
@@ -98,23 +95,10 @@ def add_arguments(parser):
         default=0.01,
         help="bias step per training step of `token-choice-bias`",
     )
-    parser.add_argument(
-        "--seed", type=common.nonnegative_int, default=0, help="seed of run r is seed+r"
-    )
+    common.add_seed_argument(parser)
     parser.add_argument(
         "--verbose", type=int, default=2, choices=(0, 1, 2), help="Keras fit verbosity"
     )
-
-
-def apply_quick(args):
-    if args.quick:
-        args.epochs = min(args.epochs, 1)
-        args.repeats = 1
-        args.train_size = min(args.train_size, 64)
-        args.test_size = min(args.test_size, 32)
-        args.batch_size = min(args.batch_size, 32)
-        args.dim = min(args.dim, 16)
-        args.depth = min(args.depth, 2)
 
 
 def slots_per_expert(n_tokens, top_k, n_experts):
@@ -202,8 +186,7 @@ def moe_names(model):
 
 
 def train_run(name, repeat, args, images):
-    seed = args.seed + repeat
-    keras.utils.set_random_seed(seed)
+    seed = common.seed_run(args, repeat)
     x_train = images.x_train.astype("float32")
     x_test = images.x_test.astype("float32")
     n_classes = len(images.class_names)
@@ -295,7 +278,9 @@ def summarize(name, runs, args, n_tokens):
 
 
 def run(args):
-    apply_quick(args)
+    common.apply_quick(
+        args, epochs=1, train_size=64, test_size=32, batch_size=32, dim=16, depth=2
+    )
     models = list(dict.fromkeys(args.models))
     out = common.output_dir(args.out)
     images = data_lib.load_cifar10(
@@ -319,19 +304,11 @@ def run(args):
     for name in models:
         runs = [train_run(name, r, args, images) for r in range(args.repeats)]
         results["models"][name] = summarize(name, runs, args, n_tokens)
-        paths = write_outputs(results, out)
+        paths = common.write_outputs(out, results, plot, "routing.png", summary_text)
     common.report_written(paths)
     print()
     print(results_table(results))
     return results
-
-
-def write_outputs(results, out):
-    return [
-        common.write_json(out, results),
-        plot(results, out / "routing.png"),
-        common.write_text(out, "summary.md", summary_text(results)),
-    ]
 
 
 def plot(results, path):

@@ -54,8 +54,7 @@ def add_arguments(parser):
     parser.add_argument("--hidden-dim", type=common.positive_int, default=64)
     parser.add_argument("--intermediate-dim", type=common.positive_int, default=128)
     parser.add_argument("--sequence-length", type=common.positive_int, default=128)
-    parser.add_argument("--batch-size", type=common.positive_int, default=16)
-    parser.add_argument("--learning-rate", type=common.positive_float, default=3e-3)
+    common.add_optimizer_arguments(parser, batch_size=16, learning_rate=3e-3)
     parser.add_argument(
         "--eval-every", type=common.positive_int, default=50, help="steps"
     )
@@ -71,12 +70,8 @@ def add_arguments(parser):
         help="run KerasHub's Mixtral block as it is (every expert on every "
         "token) instead of keras_moe.kerashub.sparsify",
     )
-    parser.add_argument(
-        "--repeats", type=common.positive_int, default=1, help="runs per arm"
-    )
-    parser.add_argument(
-        "--seed", type=common.nonnegative_int, default=0, help="seed of run r is seed+r"
-    )
+    common.add_repeats_argument(parser, 1, "runs per arm")
+    common.add_seed_argument(parser)
 
 
 def load_stdlib_bytes():
@@ -186,8 +181,7 @@ def run_repeat(args, train_data, val, repeat):
     from keras_moe.kerashub import sparsify
     from keras_moe.kerashub.upcycle_causal_lm import upcycle_causal_lm
 
-    seed = args.seed + repeat
-    keras.utils.set_random_seed(seed)
+    seed = common.seed_run(args, repeat)
     rng = np.random.default_rng(seed)
     dense = build_dense(args)
     compile_model(dense, args)
@@ -237,12 +231,9 @@ def run_repeat(args, train_data, val, repeat):
 
 
 def run(args):
-    if args.quick:
-        args.dense_steps = min(args.dense_steps, 4)
-        args.continue_steps = min(args.continue_steps, 4)
-        args.eval_every = min(args.eval_every, 2)
-        args.eval_windows = min(args.eval_windows, 8)
-        args.repeats = 1
+    common.apply_quick(
+        args, dense_steps=4, continue_steps=4, eval_every=2, eval_windows=8
+    )
     if args.top_k > args.experts:
         raise common.ExperimentError(
             f"--top-k must be at most --experts. Received: --top-k {args.top_k}, "
@@ -322,11 +313,7 @@ def run(args):
             "dense",
         )
     ]
-    paths = [
-        common.write_json(out, results),
-        plot(results, out / "upcycling_val_loss.png"),
-        common.write_text(out, "summary.md", summary(results)),
-    ]
+    paths = common.write_outputs(out, results, plot, "upcycling_val_loss.png", summary)
     common.report_written(paths)
     return results
 
