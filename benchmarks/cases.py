@@ -272,6 +272,23 @@ def feed_forward(size):
             ),
             note="keras_moe.MoEFeedForward",
         ),
+        Variant(
+            "keras_moe_tiers",
+            lambda: (
+                formulations.CapacityTiersMoEFeedForward(
+                    m,
+                    e,
+                    top_k=k,
+                    activation="silu",
+                    gated=True,
+                    use_bias=False,
+                    load_balance_weight=0.0,
+                ),
+                x,
+            ),
+            note="the same, dropless through the capacity tiers' ops.cond in "
+            "training too (the layout before the blocks)",
+        ),
     ]
     try:
         from keras_hub.src.models.mixtral.mixtral_decoder import MixtralSparseMoeBlock

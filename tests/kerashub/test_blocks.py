@@ -181,3 +181,50 @@ def test_float32_router_under_bfloat16(family):
         tokens = to_numpy(ops.cast(ops.cast(x, "bfloat16"), "float32")).reshape(-1, D)
         expected = tokens.astype("float64") @ to_numpy(dense.kernel)
         np.testing.assert_allclose(to_numpy(routing), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_reaches_the_dispatch(family, training, monkeypatch):
+    """A training call of a sparsified backbone dispatches as one (the blocks
+    layout, without the capacity tiers' `ops.cond`), an inference call
+    through the capacity tiers; Gemma 4's expert bank, whose `call` takes no
+    `training`, reads it from Keras's call context."""
+    from keras_moe import routing
+    from keras_moe.kerashub import sparsify
+    from tests.kerashub import families
+
+    built = []
+    for cls in (routing.BlockLayout, routing.CapacityLayout, routing.RowLayout):
+
+        def record(self, *args, init=cls.__init__, **kwargs):
+            built.append(type(self).__name__)
+            init(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__init__", record)
+    backbone = sparsify(families.backbone(family))
+    backbone(families.inputs(family), training=training)
+    if routing.dispatch._grouped_matmul() is not None:  # PyTorch: sorted rows
+        assert set(built) == {"RowLayout"}
+    elif training:
+        assert set(built) == {"BlockLayout"}
+    else:
+        assert "CapacityLayout" in built
+
+
+def test_mixtral_router_jitter_in_training():
+    """KerasHub 0.32's Mixtral block fails with jitter (`ops.random` does not
+    exist); the sparse one jitters in training only."""
+    block = make_block("mixtral")
+    block.router_jitter_noise = 0.2
+    x = inputs()
+    with pytest.raises(AttributeError):
+        run(block, "mixtral", x, training=True)
+    sparsify_block(block)
+    plain, logits = run(block, "mixtral", x, training=False)
+    jittered, jittered_logits = run(block, "mixtral", x, training=True)
+    assert not np.allclose(to_numpy(jittered_logits), to_numpy(logits))
+    assert np.isfinite(to_numpy(jittered)).all()
+    np.testing.assert_allclose(
+        to_numpy(run(block, "mixtral", x, training=False)[0]), to_numpy(plain)
+    )

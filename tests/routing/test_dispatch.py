@@ -77,6 +77,7 @@ def run_sparse(
     mask=None,
     layout="auto",
     factors=routing.DROPLESS_CAPACITY_FACTORS,
+    training=None,
 ):
     weights, experts, _ = routing.top_k_gates(logits, k, normalize)
 
@@ -93,6 +94,7 @@ def run_sparse(
         mask,
         layout=layout,
         dropless_capacity_factors=factors,
+        training=training,
     )
     return to_numpy(out), to_numpy(sizes), float(to_numpy(dropped))
 
@@ -141,6 +143,38 @@ def test_dropless_mixture_matches_numpy(k, normalize, path):
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(sizes, np.bincount(experts.ravel(), minlength=5))
     assert dropped == 0.0
+
+
+@pytest.mark.parametrize("training, d", [(True, 6), (False, 6), (True, 80)])
+def test_auto_layout_follows_training(training, d, monkeypatch):
+    """Dropless `"auto"` without a grouped matmul: the blocks for a training
+    call (no `ops.cond`, whose gradient keeps every branch's intermediates)
+    on tokens of at most twice the block size's features (here 32 rows:
+    64), the capacity tiers otherwise; with one (PyTorch), the sorted rows
+    always. The same outputs either way."""
+    assert routing.default_block_size(23 * 2, N_EXPERTS) == 32
+    rows = routing.dispatch._grouped_matmul() is not None
+    built = []
+    for cls in (routing.BlockLayout, routing.CapacityLayout):
+
+        def record(self, *args, init=cls.__init__, **kwargs):
+            built.append(type(self).__name__)
+            init(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__init__", record)
+    x, kernel, bias, logits = random_case(2, d=d, skew=1.0)
+    out, _, _ = run_sparse(x, logits, kernel, bias, 2, training=training)
+    # Tracing an `ops.cond` (JAX) builds both branches: the capacity tiers'
+    # last one is the blocks, so only "no capacity buffer" is telling.
+    if rows:
+        assert built == []
+    elif training and d <= 64:
+        assert built == ["BlockLayout"]
+    else:
+        assert "CapacityLayout" in built
+    weights, experts = np_top_k_gates(logits, 2, True)
+    ref, _ = np_sparse_mixture(x, experts, weights, kernel, bias)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_skewed_routing_takes_the_exact_fallback():

@@ -18,8 +18,10 @@ subclasses are not registered for serialisation: KerasHub builds these blocks
 from the decoder's arguments, never from a saved config.
 """
 
+import keras
 from keras import ops
 from keras.src.backend import AutocastScope
+from keras.src.backend.common import global_state
 from keras_hub.src.models.gemma4.gemma4_decoder_block import Gemma4TextDecoderBlock
 from keras_hub.src.models.gemma4.gemma4_moe import Gemma4MoEBlock
 from keras_hub.src.models.gemma4.gemma4_moe import Gemma4Router
@@ -81,15 +83,22 @@ class SparseState:
         bias = None if dense.bias is None else full_precision(dense.bias)
         return routing.gate_logits(tokens, full_precision(dense.kernel), bias)
 
-    def mixture(self, tokens, weights, experts):
+    def mixture(self, tokens, weights, experts, training=None):
         """`sum_j w[t, j] * expert_{e[t, j]}(x[t])`, each token through its
-        own experts only (dropless: every token's experts run)."""
+        own experts only (dropless: every token's experts run; `training`
+        picks the layout, see `sparse_mixture`)."""
+        if training is None:
+            # A block whose `call` takes no `training` (Gemma 4's bank):
+            # Keras keeps the outer call's value in its call context.
+            context = global_state.get_global_attribute("current_call_ctx")
+            training = context.get_value("training") if context else None
         outputs, _, _ = routing.sparse_mixture(
             tokens,
             experts,
             weights,
             self.experts.n_experts,
             self.experts.run_experts,
+            training=training,
         )
         return outputs
 
@@ -170,8 +179,9 @@ class _SparseBlock:
         state = self._keras_moe
         tokens = ops.reshape(hidden_states, (-1, self.hidden_dim))
         if training and jitter_noise > 0:
-            # KerasHub's jitter, drawn as KerasHub draws it.
-            tokens = tokens * ops.random.uniform(
+            # KerasHub's jitter (its block calls `ops.random`, which Keras
+            # lacks, and fails), drawn with Keras's unseeded uniform.
+            tokens = tokens * keras.random.uniform(
                 shape=ops.shape(tokens),
                 minval=1.0 - jitter_noise,
                 maxval=1.0 + jitter_noise,
@@ -184,7 +194,7 @@ class _SparseBlock:
             normalize_top_k=normalize_top_k,
             softmax_before_top_k=softmax_before_top_k,
         )
-        out = state.mixture(tokens, weights, experts)
+        out = state.mixture(tokens, weights, experts, training)
         if shared_expert is not None:
             out = out + shared_expert(tokens)
         if training and loss is not None:

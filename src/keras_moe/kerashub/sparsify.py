@@ -74,7 +74,10 @@ def sparsify(model, router_dtype="compute"):
       Gemma 4's dispatch weights and mixed outputs), how the padding mask
       reaches it, and its auxiliary loss, computed by KerasHub's own function
       (padding excluded from the loss, not zeroed in the outputs), and
-      Mixtral's router jitter drawn as KerasHub draws it.
+      Mixtral's router jitter as KerasHub defines it (KerasHub 0.32's own
+      block fails with it: it calls `ops.random`, which Keras lacks; the
+      sparse block draws with `keras.random.uniform`, unseeded, so not
+      inside a compiled JAX function).
     - The outputs: what the all-experts block computes, up to the order of
       the additions (float32: within 1e-5 relative; greedy generation gives
       the same tokens), with the same experts chosen. With

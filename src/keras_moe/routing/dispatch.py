@@ -10,6 +10,7 @@ from keras_moe.routing.layouts import BlockLayout
 from keras_moe.routing.layouts import CapacityLayout
 from keras_moe.routing.layouts import EmptyLayout
 from keras_moe.routing.layouts import RowLayout
+from keras_moe.routing.layouts import default_block_size
 from keras_moe.routing.layouts import expert_capacity
 
 # Dropless mode first tries capacity buffers of these factors (exact, as long
@@ -40,6 +41,7 @@ def sparse_mixture(
     mask=None,
     layout="auto",
     dropless_capacity_factors=DROPLESS_CAPACITY_FACTORS,
+    training=None,
 ):
     """Runs each token through its chosen experts only and mixes the results.
 
@@ -65,7 +67,14 @@ def sparse_mixture(
         layout: how the dropless mode lays the rows out (with a
             `capacity_factor`, always the capacity buffer):
             - `"auto"`: `"rows"` where the backend has a grouped matmul
-              (PyTorch), else `"capacity"`.
+              (PyTorch); else `"blocks"` when `training` is true, outside a
+              `keras.distribution`, for tokens of at most twice the block
+              size's features (256 at most; each block copies its
+              expert's weights, which for wider tokens outweigh the rows);
+              `"capacity"` otherwise. The capacity tiers' run-time
+              `ops.cond` is cheap forward but costs in the backward (the
+              gradient of a conditional keeps every branch's
+              intermediates), the blocks the reverse.
             - `"capacity"`: the smallest capacity buffer of
               `dropless_capacity_factors` that holds every expert's group
               (checked at run time with `ops.cond`), else padded blocks;
@@ -76,6 +85,8 @@ def sparse_mixture(
             - `"rows"`: the sorted rows, for the backend's grouped matmul
               (`ValueError` where the backend has none).
         dropless_capacity_factors: the capacity tiers of `layout="capacity"`.
+        training: whether this is a training call (chooses `"auto"`'s
+            layout; the outputs are the same).
 
     Returns:
         `(outputs, group_sizes, dropped_fraction)`: `(n, m)` outputs, `(e,)`
@@ -137,11 +148,17 @@ def sparse_mixture(
         )
     if layout in ("auto", "rows") and grouped_matmul is not None:
         return run(RowLayout(a, grouped_matmul)), group_sizes, dropped
-    if layout == "blocks":
+    distributed = keras.distribution.distribution() is not None
+    if layout == "blocks" or (
+        layout == "auto"
+        and training
+        and not distributed
+        and _narrow(tokens, a.total, n_experts)
+    ):
         return nonempty(lambda: run(BlockLayout(a))), group_sizes, dropped
 
     factors = tuple(dropless_capacity_factors)
-    if keras.distribution.distribution() is not None:
+    if distributed:
         # Under a distribution the blocks would copy every block's expert
         # weights onto each device (an all-reduce of expert weights). The last
         # tier is instead a buffer that holds every assignment (an expert
@@ -163,6 +180,17 @@ def sparse_mixture(
         )
 
     return nonempty(exact(factors)), group_sizes, dropped
+
+
+def _narrow(tokens, n_assignments, n_experts):
+    """Whether the tokens are narrow enough for the blocks in training: each
+    block copies its expert's weights (`d x m` per kernel), which costs
+    about `d / block` times the memory of the block's rows; up to `d` of
+    twice the block size that is at most about the rows' own. (At
+    Mixtral 8x7B's width, d=4096, it would be 30 times: wider tokens take
+    the capacity tiers.)"""
+    d = tokens.shape[-1]
+    return d is not None and d <= 2 * default_block_size(n_assignments, n_experts)
 
 
 def _run_empty(empty, tokens, expert_fn):

@@ -348,6 +348,7 @@ class TopKRouter(keras.layers.Layer):
             mask=mask,
             layout=layout,
             dropless_capacity_factors=dropless_capacity_factors,
+            training=training,
         )
         if self.capacity_factor is not None:
             at = ops.cast(ops.arange(self.n_experts + 2) == self.n_experts, "float32")
