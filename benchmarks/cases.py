@@ -162,6 +162,17 @@ def dense_top_k(size):
                 note=f"keras_moe.DenseMoE(top_k={k})",
             ),
             Variant(
+                "keras_moe_topk_tiers",
+                lambda: (
+                    formulations.capacity_tiers(
+                        keras_moe.DenseMoE(u, e, top_k=k, **MOE), x
+                    ),
+                    x,
+                ),
+                note="the same, dropless through the capacity tiers' ops.cond in "
+                "training too (the layout before the blocks)",
+            ),
+            Variant(
                 "keras_moe_topk_dmajor",
                 lambda: (formulations.DimMajorTopKDenseMoE(u, e, top_k=k, **MOE), x),
                 note="the same with the soft mixture's (d, e, u) kernel",
@@ -275,14 +286,17 @@ def feed_forward(size):
         Variant(
             "keras_moe_tiers",
             lambda: (
-                formulations.CapacityTiersMoEFeedForward(
-                    m,
-                    e,
-                    top_k=k,
-                    activation="silu",
-                    gated=True,
-                    use_bias=False,
-                    load_balance_weight=0.0,
+                formulations.capacity_tiers(
+                    keras_moe.MoEFeedForward(
+                        m,
+                        e,
+                        top_k=k,
+                        activation="silu",
+                        gated=True,
+                        use_bias=False,
+                        load_balance_weight=0.0,
+                    ),
+                    x,
                 ),
                 x,
             ),

@@ -8,8 +8,8 @@
   layers; only the formulation differs.
 - `DimMajorTopKDenseMoE`: `DenseMoE(top_k=...)` with the soft mixture's
   `(d, e, u)` kernel (the sparse layout before it became expert-major).
-- `CapacityTiersMoEFeedForward`: `MoEFeedForward` whose training calls take
-  the dropless capacity tiers, as before the blocks became their layout.
+- `capacity_tiers`: a sparse layer whose training calls take the dropless
+  capacity tiers, as before the blocks became their layout.
 - `GatedFeedForward`: a dense gated feed-forward `down(silu(x Wg) * (x Wu))`,
   the roofline of a top-k `MoEFeedForward` when given `k * m` units and 2-D
   `(tokens, d)` inputs (`cases.roofline`).
@@ -22,7 +22,6 @@ import keras
 from keras import ops
 
 from keras_moe import DenseMoE
-from keras_moe import MoEFeedForward
 
 
 class OriginalDenseMoE(keras.layers.Layer):
@@ -129,16 +128,14 @@ class DimMajorTopKDenseMoE(DenseMoE):
         return 1
 
 
-class CapacityTiersMoEFeedForward(MoEFeedForward):
-    """`MoEFeedForward` whose dropless dispatch takes the capacity tiers (an
-    `ops.cond` over buffers of 1.25, 1.5, 2x the mean load, then the blocks)
-    in training calls too: what `layout="auto"` did there before the blocks."""
-
-    def build(self, input_shape):
-        super().build(input_shape)
-        self.router.dispatch = functools.partial(
-            self.router.dispatch, layout="capacity"
-        )
+def capacity_tiers(layer, inputs):
+    """`layer` (a sparse keras-moe layer), built on `inputs`, whose dropless
+    dispatch takes the capacity tiers (an `ops.cond` over buffers of 1.25,
+    1.5, 2x the mean load, then the blocks) in training calls too: what
+    `layout="auto"` did there before the blocks."""
+    layer(inputs[:1])
+    layer.router.dispatch = functools.partial(layer.router.dispatch, layout="capacity")
+    return layer
 
 
 class GatedFeedForward(keras.layers.Layer):
