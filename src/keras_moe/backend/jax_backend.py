@@ -27,3 +27,30 @@ def soft_mixture(expert_outputs, gates):
     import jax.numpy as jnp
 
     return jnp.einsum("neu,ne->nu", expert_outputs, gates)
+
+
+def grouped_matmul(x, kernel, group_ends):
+    """Rows sorted by group times their group's kernel: `(r, d) -> (r, m)`.
+
+    `kernel` is `(g, d, m)` and `group_ends` the `(g,)` cumulative row
+    counts; rows past `group_ends[-1]` are left undefined. JAX:
+    `jax.lax.ragged_dot`, a grouped GEMM on GPU (no padding, no weight
+    copies); on CPU XLA emulates it densely, over every group
+    (`grouped_matmul_usable` keeps it to GPUs).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    group_ends = jnp.asarray(group_ends, "int32")
+    sizes = jnp.diff(group_ends, prepend=jnp.zeros((1,), "int32"))
+    return jax.lax.ragged_dot(x, jnp.asarray(kernel, x.dtype), sizes)
+
+
+def grouped_matmul_usable():
+    """Whether `grouped_matmul` should run now: on a GPU, outside a
+    `keras.distribution` (whose sharded expert weights the capacity layout
+    keeps in place)."""
+    import jax
+    import keras
+
+    return jax.default_backend() == "gpu" and keras.distribution.distribution() is None

@@ -67,7 +67,7 @@ def sparse_mixture(
         layout: how the dropless mode lays the rows out (with a
             `capacity_factor`, always the capacity buffer):
             - `"auto"`: `"rows"` where the backend has a grouped matmul
-              (PyTorch); else `"blocks"` when `training` is true, outside a
+              (PyTorch; JAX on a GPU: `jax.lax.ragged_dot`); else `"blocks"` when `training` is true, outside a
               `keras.distribution`, for tokens of at most twice the block
               size's features (256 at most; each block copies its
               expert's weights, which for wider tokens outweigh the rows);

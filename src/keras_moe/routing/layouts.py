@@ -285,9 +285,19 @@ class RowLayout(Layout):
         self._row_expert = ops.minimum(a.sorted_expert, a.n_experts - 1)
         self._kept = a.valid
         self._out_pos = a.position
+        # Masked assignments sort last, past every group: the grouped matmul
+        # leaves their rows (and their rows' gradients) undefined.
+        self._row_valid = None
+        if a.valid is not None:
+            self._row_valid = ops.arange(a.total, dtype="int32") < a.starts[-1]
 
     def gather(self, tokens):
-        return gather_rows(tokens, self._rows_token)
+        rows = gather_rows(tokens, self._rows_token)
+        if self._row_valid is None:
+            return rows
+        # `where`, so that the undefined gradients of the masked rows (any
+        # value, even inf) do not reach their tokens.
+        return ops.where(ops.expand_dims(self._row_valid, 1), rows, 0)
 
     def matmul(self, x, kernel, expert_axis=0):
         if expert_axis != 0:

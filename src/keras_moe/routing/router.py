@@ -333,8 +333,9 @@ class TopKRouter(keras.layers.Layer):
         `routing.sparse_mixture` with this router's `n_experts` and
         `capacity_factor`, on the `(weights, experts)` that `call` returned;
         with a `capacity_factor`, the share of assignments dropped goes into
-        the routing statistics. `layout` and `dropless_capacity_factors` are
-        `sparse_mixture`'s.
+        the routing statistics (in training calls, their running sums).
+        `training`, `layout` and `dropless_capacity_factors` are
+        `sparse_mixture`'s (`training` picks the dropless layout).
         """
         if mask is not None:
             mask = ops.reshape(mask, (-1,))
