@@ -255,6 +255,18 @@ def feed_forward(size):
         "baseline": "roofline",
     }
     x = _rand(b, n, d)
+
+    def moe():
+        return keras_moe.MoEFeedForward(
+            m,
+            e,
+            top_k=k,
+            activation="silu",
+            gated=True,
+            use_bias=False,
+            load_balance_weight=0.0,
+        )
+
     variants = [
         roofline(
             lambda: formulations.GatedFeedForward(d, k * m),
@@ -269,37 +281,12 @@ def feed_forward(size):
         ),
         Variant(
             "keras_moe",
-            lambda: (
-                keras_moe.MoEFeedForward(
-                    m,
-                    e,
-                    top_k=k,
-                    activation="silu",
-                    gated=True,
-                    use_bias=False,
-                    load_balance_weight=0.0,
-                ),
-                x,
-            ),
+            lambda: (moe(), x),
             note="keras_moe.MoEFeedForward",
         ),
         Variant(
             "keras_moe_tiers",
-            lambda: (
-                formulations.capacity_tiers(
-                    keras_moe.MoEFeedForward(
-                        m,
-                        e,
-                        top_k=k,
-                        activation="silu",
-                        gated=True,
-                        use_bias=False,
-                        load_balance_weight=0.0,
-                    ),
-                    x,
-                ),
-                x,
-            ),
+            lambda: (formulations.capacity_tiers(moe(), x), x),
             note="the same, dropless through the capacity tiers' ops.cond in "
             "training too (the layout before the blocks)",
         ),
