@@ -243,7 +243,12 @@ def test_keras_file_saved_on_jax_loads_here(jax_saved_model):
     assert np.abs(io["y"]).max() > 0.1  # not a trivially zero output
 
 
-LEGACY = REPO / "tests" / "data" / "v0.1.0"
+# `.keras` files written by earlier versions: 0.1.0 (on JAX, before the
+# router became a sublayer) and 0.2.0 (before the expert bank and the router
+# base were redesigned); each folder's make_files.py wrote them.
+LEGACY = {
+    version: REPO / "tests" / "data" / f"v{version}" for version in ("0.1.0", "0.2.0")
+}
 
 
 def saved_arrays(path):
@@ -263,20 +268,28 @@ def saved_arrays(path):
     return arrays
 
 
-@pytest.mark.parametrize("name", sorted(path.stem for path in LEGACY.glob("*.keras")))
-def test_files_of_version_0_1_0_load_with_the_same_outputs(name):
-    """`.keras` files written by keras-moe 0.1.0 (on JAX, before the router
-    became a sublayer; tests/data/v0.1.0/make_files.py) load on every
-    backend and compute what they computed then."""
-    model = keras.saving.load_model(LEGACY / f"{name}.keras")
+@pytest.mark.parametrize(
+    "version, name",
+    [
+        (version, path.stem)
+        for version, folder in LEGACY.items()
+        for path in sorted(folder.glob("*.keras"))
+    ],
+)
+def test_files_of_earlier_versions_load_with_the_same_outputs(version, name):
+    """`.keras` files written by keras-moe 0.1.0 and 0.2.0 (on JAX;
+    tests/data/v*/make_files.py) load on every backend and compute what they
+    computed then."""
+    path = LEGACY[version] / f"{name}.keras"
+    model = keras.saving.load_model(path)
     # Every saved array, routing statistics included, is in a variable (read
     # before a call updates the statistics).
     values = [to_numpy(v) for v in model.weights if v.name != "seed_generator_state"]
-    saved = saved_arrays(LEGACY / f"{name}.keras")
+    saved = saved_arrays(path)
     assert len(saved) == len(values)
     for array in saved:
         assert any(v.shape == array.shape and np.array_equal(v, array) for v in values)
-    data = np.load(LEGACY / f"{name}.npz")
+    data = np.load(LEGACY[version] / f"{name}.npz")
     np.testing.assert_allclose(
         model.predict(data["x"], verbose=0), data["y"], rtol=1e-5, atol=1e-5
     )
