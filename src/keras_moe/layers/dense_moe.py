@@ -4,13 +4,13 @@ import keras
 from keras import ops
 
 from keras_moe import routing
+from keras_moe import saved_formats
 from keras_moe import utils
 from keras_moe.layers.base_moe import BaseMoE
-from keras_moe.routing import router as router_lib
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class DenseMoE(BaseMoE):
+class DenseMoE(saved_formats.LegacyLoading, BaseMoE):
     """Densely connected mixture-of-experts layer, usable where `Dense` is.
 
     `y = sum_k g(v_k . x + b_k) * f(W_k x + c_k)`
@@ -307,11 +307,14 @@ class DenseMoE(BaseMoE):
             h = h + self.expert_bias
         return self.expert_activation(h)
 
-    def _sparse_experts(self, layout, x):
-        """`f(W_k x + c_k)` on each expert's gathered rows (`routing`)."""
-        h = layout.matmul(x, self.expert_kernel, expert_axis=self._expert_axis)
+    def _sparse_experts(self, rows, layout):
+        """`f(W_k x + c_k)` on each expert's rows as `layout` lays them out
+        (the expert bank of `routing.sparse_mixture`)."""
+        kernel = ops.cast(layout.select(self.expert_kernel), rows.dtype)
+        h = layout.matmul(rows, kernel)
         if self.expert_bias is not None:
-            h = layout.add_bias(h, self.expert_bias)
+            bias = ops.cast(layout.select(self.expert_bias), h.dtype)
+            h = h + layout.broadcast(bias)
         return self.expert_activation(h)
 
     def call(self, inputs, mask=None, training=None):
@@ -360,18 +363,31 @@ class DenseMoE(BaseMoE):
         """Weight name -> its experts axis (`keras_moe.expert_parallel_layout_map`)."""
         return {"expert_kernel": self._expert_axis, "expert_bias": 0}
 
-    def load_own_variables(self, store):
-        if self.router is None:
-            return super().load_own_variables(store)
+    def load_legacy_variables(self, store, version):
+        """Reads a store written by 0.2.0 (the layer's own variables; the
+        router's store packs its statistics) or 0.1.0 (the router's
+        variables among the layer's own: expert kernel, router kernel,
+        expert bias, router bias, noise kernel, the packed statistics)."""
+        own = self._trainable_variables + self._non_trainable_variables
+        if self.router is None or len(store.keys()) == len(own):
+            saved_formats.assign_in_order(store, own)
+            if self.router is not None:
+                saved_formats.expect_format(self.router, version)
+            return
         router = self.router
-        legacy = [self.expert_kernel, router.kernel]
-        legacy += [
+        variables = [self.expert_kernel, router.kernel]
+        variables += [
             v
             for v in (self.expert_bias, router.bias, router.noise_kernel)
             if v is not None
         ]
-        legacy += [router.routing_stats_last, router.routing_stats_sum]
-        router_lib.load_own_variables(self, store, legacy)
+        n = len(variables)
+        if len(store.keys()) != n + 2:
+            saved_formats.assign_in_order(store, variables)  # raises
+        for i, variable in enumerate(variables):
+            variable.assign(store[str(i)])
+        router.statistics.assign_packed(store[str(n)], store[str(n + 1)])
+        saved_formats.restored(router)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)[:-1] + (self.units,)
@@ -388,5 +404,14 @@ class DenseMoE(BaseMoE):
             "router_z_loss_weight": self.router_z_loss_weight,
             "seed": self.seed,
             "router_dtype": self.router_dtype,
+            "format_version": saved_formats.FORMAT_VERSION,
         }
         return {**super().get_config(), **config}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        version = saved_formats.config_format(config)
+        layer = cls(**config)
+        saved_formats.expect_format(layer, version)
+        return layer

@@ -1,20 +1,19 @@
 import keras
 from keras import ops
 
+from keras_moe import saved_formats
 from keras_moe import utils
+from keras_moe.layers.feed_forward_experts import FeedForwardExperts
 from keras_moe.routing.groups import distribution_groups
+from keras_moe.routing.layouts import ExpertAxisLayout
 from keras_moe.routing.soft_slots import soft_slot_logits
 from keras_moe.routing.soft_slots import soft_slot_statistics
 from keras_moe.routing.soft_slots import soft_slot_weights
-from keras_moe.routing.statistics import add_routing_stats_weights
-from keras_moe.routing.statistics import last_routing_stats
-from keras_moe.routing.statistics import mean_routing_stats
-from keras_moe.routing.statistics import record_routing_stats
-from keras_moe.routing.statistics import reset_routing_stats
+from keras_moe.routing.statistics import RoutingStatistics
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class SoftMoE(keras.layers.Layer):
+class SoftMoE(saved_formats.LegacyLoading, keras.layers.Layer):
     """Soft mixture of experts (Puigcerver et al. 2023) on token sequences.
 
     Per sequence `X` `(n, d)`: logits `L = X . Phi` `(n, E * S)` with the
@@ -40,9 +39,9 @@ class SoftMoE(keras.layers.Layer):
     combine weights): `routing_stats` reports as `expert_load` each expert's
     share of the combine weights (mean over the tokens of the sum over its
     slots), `dropped_fraction` 0, and as `router_entropy` the mean entropy
-    (nats) of each token's shares over the experts. They live in two
-    non-trainable float32 variables, `routing_stats_last` and
-    `routing_stats_sum`, as in the sparse layers' routers.
+    (nats) of each token's shares over the experts. They live in a
+    `keras_moe.routing.RoutingStatistics` sublayer, `statistics`, as in the
+    sparse layers' routers.
 
     Args:
         intermediate_dim: Positive integer, hidden size `m` of each expert.
@@ -77,11 +76,10 @@ class SoftMoE(keras.layers.Layer):
     Output shape:
         Same as the input.
 
-    Weights (expert axis first): `router_kernel` `(d, E * S)`,
-    `router_scale` `()` (with `normalize`), `expert_up_kernel` `(E, d, m)`,
-    `expert_gate_kernel` `(E, d, m)` (when gated), `expert_down_kernel`
-    `(E, m, d)`, `expert_up_bias` `(E, m)`, `expert_down_bias` `(E, d)`, and
-    the non-trainable `routing_stats_last` and `routing_stats_sum`.
+    Weights: `router_kernel` `(d, E * S)` and `router_scale` `()` (with
+    `normalize`); the sublayer `experts`, a `FeedForwardExperts` (its
+    `up_kernel` `(E, d, m)`, ...); the sublayer `statistics`, a
+    `keras_moe.routing.RoutingStatistics`.
 
     Example:
 
@@ -147,6 +145,22 @@ class SoftMoE(keras.layers.Layer):
             "kernel_constraint", kernel_constraint
         )
         self.bias_constraint = utils.get_constraint("bias_constraint", bias_constraint)
+        self.experts = FeedForwardExperts(
+            self.intermediate_dim,
+            self.n_experts,
+            activation=self.activation,
+            gated=self.gated,
+            use_bias=self.use_bias,
+            kernel_initializer=self.kernel_initializer,
+            bias_initializer=self.bias_initializer,
+            kernel_regularizer=self.kernel_regularizer,
+            bias_regularizer=self.bias_regularizer,
+            kernel_constraint=self.kernel_constraint,
+            bias_constraint=self.bias_constraint,
+            dtype=self.dtype_policy,
+            name="experts",
+        )
+        self.statistics = RoutingStatistics(self.n_experts, name="statistics")
         self.input_spec = keras.layers.InputSpec(ndim=3)
         self.supports_masking = True
 
@@ -170,74 +184,9 @@ class SoftMoE(keras.layers.Layer):
             self.router_scale = self.add_weight(
                 name="router_scale", shape=(), initializer="ones", autocast=False
             )
-        self.expert_up_kernel = self.add_weight(
-            name="expert_up_kernel",
-            shape=(e, d, m),
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-            constraint=self.kernel_constraint,
-        )
-        self.expert_gate_kernel = None
-        if self.gated:
-            self.expert_gate_kernel = self.add_weight(
-                name="expert_gate_kernel",
-                shape=(e, d, m),
-                initializer=self.kernel_initializer,
-                regularizer=self.kernel_regularizer,
-                constraint=self.kernel_constraint,
-            )
-        self.expert_down_kernel = self.add_weight(
-            name="expert_down_kernel",
-            shape=(e, m, d),
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-            constraint=self.kernel_constraint,
-        )
-        self.expert_up_bias = None
-        self.expert_down_bias = None
-        if self.use_bias:
-            self.expert_up_bias = self.add_weight(
-                name="expert_up_bias",
-                shape=(e, m),
-                initializer=self.bias_initializer,
-                regularizer=self.bias_regularizer,
-                constraint=self.bias_constraint,
-            )
-            self.expert_down_bias = self.add_weight(
-                name="expert_down_bias",
-                shape=(e, d),
-                initializer=self.bias_initializer,
-                regularizer=self.bias_regularizer,
-                constraint=self.bias_constraint,
-            )
-        add_routing_stats_weights(self, e)
+        self.experts.build((None, e, self.slots_per_expert, d))
+        self.statistics.build()
         self.input_spec = keras.layers.InputSpec(ndim=3, axes={-1: d})
-
-    def _experts(self, slots, constrain):
-        """The experts on their slots `(b, E, S, d)` -> `(b, E, S, d)`.
-
-        Einsum legend: `b` sequences, `e` experts, `s` slots, `d` inputs,
-        `m` hidden units.
-        """
-
-        def matmul(x, kernel):
-            kernel = ops.cast(kernel, x.dtype)
-            return constrain(ops.einsum("besd,edm->besm", x, kernel))
-
-        def add_bias(x, bias):
-            return x + ops.expand_dims(ops.cast(bias, x.dtype), 1)
-
-        h = matmul(slots, self.expert_up_kernel)
-        if self.expert_up_bias is not None:
-            h = add_bias(h, self.expert_up_bias)
-        if self.gated:
-            h = self.activation(matmul(slots, self.expert_gate_kernel)) * h
-        else:
-            h = self.activation(h)
-        y = matmul(h, self.expert_down_kernel)
-        if self.expert_down_bias is not None:
-            y = add_bias(y, self.expert_down_bias)
-        return y
 
     def call(self, inputs, mask=None, training=None):
         # Keras autocasts float inputs only; integer ones are computed as floats.
@@ -245,7 +194,7 @@ class SoftMoE(keras.layers.Layer):
         if mask is not None:
             mask = ops.broadcast_to(ops.cast(mask, "bool"), ops.shape(inputs)[:-1])
         e, s = self.n_experts, self.slots_per_expert
-        d = self.expert_up_kernel.shape[1]
+        d = inputs.shape[-1]
         logits = soft_slot_logits(inputs, self.router_kernel, self.router_scale)
         dispatch, combine = soft_slot_weights(logits, mask)
         # Under a `keras.distribution`, each device runs its experts on its
@@ -255,10 +204,11 @@ class SoftMoE(keras.layers.Layer):
         dtype = inputs.dtype
         slots = ops.einsum("bns,bnd->bsd", ops.cast(dispatch, dtype), inputs)
         slots = constrain(ops.reshape(slots, (-1, e, s, d)))
-        outputs = ops.reshape(self._experts(slots, constrain), (-1, e * s, d))
+        outputs = self.experts(slots, layout=_SlotLayout(constrain))
+        outputs = ops.reshape(outputs, (-1, e * s, d))
         outputs = ops.einsum("bns,bsd->bnd", ops.cast(combine, dtype), outputs)
         stats = soft_slot_statistics(combine, e, mask)
-        record_routing_stats(self, stats, training)
+        self.statistics.record(**stats, training=training)
         return outputs
 
     @property
@@ -266,25 +216,37 @@ class SoftMoE(keras.layers.Layer):
         """Statistics of the last call, as NumPy: `expert_load` (each
         expert's share of the combine weights), `dropped_fraction` (0) and
         `router_entropy` (mean entropy in nats of each token's shares)."""
-        return last_routing_stats(self, self.n_experts)
+        if not self.built:
+            raise ValueError(
+                "A layer has no routing statistics before it is built and "
+                f"called. Received: {self.name!r} with built=False"
+            )
+        return self.statistics.last()
 
     def routing_stats_mean(self):
         """Mean statistics over the training calls since the last
         `reset_routing_stats` (`None` if there were none), plus `steps`."""
-        return mean_routing_stats(self, self.n_experts)
+        return self.statistics.mean()
 
     def reset_routing_stats(self):
         """Zeroes the running sums behind `routing_stats_mean`."""
-        reset_routing_stats(self)
+        self.statistics.reset()
 
-    def expert_weight_axes(self):
-        """Weight name -> its experts axis (`keras_moe.expert_parallel_layout_map`)."""
-        names = ["expert_up_kernel", "expert_down_kernel"]
-        if self.gated:
-            names.append("expert_gate_kernel")
-        if self.use_bias:
-            names += ["expert_up_bias", "expert_down_bias"]
-        return {name: 0 for name in names}
+    def load_legacy_variables(self, store, version):
+        """Reads a store written by 0.2.0: the router's, the experts' and
+        the packed routing statistics, all among the layer's own."""
+        own = [self.router_kernel]
+        if self.router_scale is not None:
+            own.append(self.router_scale)
+        variables = own + list(self.experts.weights)
+        n = len(variables)
+        if len(store.keys()) != n + 2:
+            saved_formats.assign_in_order(store, variables)  # raises
+        for i, variable in enumerate(variables):
+            variable.assign(store[str(i)])
+        self.statistics.assign_packed(store[str(n)], store[str(n + 1)])
+        saved_formats.restored(self.experts)
+        saved_formats.restored(self.statistics)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
@@ -305,5 +267,27 @@ class SoftMoE(keras.layers.Layer):
             "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
             "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
             "bias_constraint": keras.constraints.serialize(self.bias_constraint),
+            "format_version": saved_formats.FORMAT_VERSION,
         }
         return {**super().get_config(), **config}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        version = saved_formats.config_format(config)
+        layer = cls(**config)
+        saved_formats.expect_format(layer, version)
+        return layer
+
+
+class _SlotLayout(ExpertAxisLayout):
+    """Soft MoE's `(b, E, S, d)` slots, laid out by `constrain` under a
+    `keras.distribution` (each device runs its experts on its batch shard's
+    slots)."""
+
+    def __init__(self, constrain):
+        super().__init__()
+        self._constrain = constrain
+
+    def matmul(self, x, kernel):
+        return self._constrain(super().matmul(x, kernel))

@@ -1,9 +1,22 @@
-"""`sparse_mixture`: each token through its chosen experts only, mixed back."""
+"""Token-choice dispatch: which layout runs the experts, and running it.
+
+`sparse_mixture` runs each token through its chosen experts only and mixes
+the results back, in three steps a reader (and a test) can take apart:
+
+1. `choose_layout`, a pure function of the sizes and the setting, names the
+   layout (`LAYOUTS`);
+2. `plan_dispatch` sorts the assignments by expert and makes that layout's
+   plan (`keras_moe.routing.layouts`);
+3. the plan gathers each expert's rows, the expert bank runs them
+   (`bank(rows, layout=plan)`, see `keras_moe.layers.FeedForwardExperts`)
+   and the plan combines the outputs per token.
+"""
 
 import keras
 from keras import ops
 
 from keras_moe import backend
+from keras_moe import utils
 from keras_moe.routing.groups import distribution_groups
 from keras_moe.routing.layouts import Assignments
 from keras_moe.routing.layouts import BlockLayout
@@ -13,22 +26,116 @@ from keras_moe.routing.layouts import RowLayout
 from keras_moe.routing.layouts import default_block_size
 from keras_moe.routing.layouts import expert_capacity
 
-# Dropless mode first tries capacity buffers of these factors (exact, as long
-# as every expert's group fits, which `ops.cond` checks at run time) and falls
-# back to the padded blocks only for the rare batch that overflows them all.
+# Dropless `"tiers"` first tries capacity buffers of these factors (exact, as
+# long as every expert's group fits, which `ops.cond` checks at run time) and
+# falls back to the padded blocks only for the rare batch that overflows them.
 DROPLESS_CAPACITY_FACTORS = (1.25, 1.5, 2.0)
 
-# The values of `sparse_mixture`'s `layout` argument.
-LAYOUTS = ("auto", "capacity", "blocks", "rows")
+# The values of a router's `layout` (and of `sparse_mixture`'s):
+# - "auto": `choose_layout` picks one of the others;
+# - "capacity": a buffer of `capacity_factor`-sized slots per expert, the
+#   overflow dropped (the only layout with a `capacity_factor`);
+# - "tiers": dropless, the smallest capacity buffer of
+#   `DROPLESS_CAPACITY_FACTORS` that holds every expert's group (chosen at
+#   run time), else padded blocks;
+# - "blocks": dropless, each expert's group padded to a multiple of a block;
+# - "grouped": dropless, the sorted rows themselves, multiplied by the
+#   backend's grouped matmul (PyTorch; JAX on a GPU).
+LAYOUTS = ("auto", "capacity", "tiers", "blocks", "grouped")
+DROPLESS_LAYOUTS = ("tiers", "blocks", "grouped")
+
+# keras-moe 0.2.0's names of two layouts.
+_RENAMED_LAYOUTS = {"rows": "grouped"}
 
 
-def _grouped_matmul():
+def grouped_matmul():
     """The backend's grouped matmul if it can run now, else None."""
-    grouped_matmul = backend.fast_path("grouped_matmul")
+    matmul = backend.fast_path("grouped_matmul")
     usable = backend.fast_path("grouped_matmul_usable")
-    if grouped_matmul is None or (usable is not None and not usable()):
+    if matmul is None or (usable is not None and not usable()):
         return None
-    return grouped_matmul
+    return matmul
+
+
+def check_layout(layout, capacity_factor):
+    """`layout`, validated against `capacity_factor`."""
+    layout = utils.check_choice("layout", layout, LAYOUTS)
+    if capacity_factor is not None and layout not in ("auto", "capacity"):
+        raise ValueError(
+            f"`layout={layout!r}` is a dropless layout; with a "
+            "`capacity_factor` the experts run in capacity buffers "
+            "(`layout='capacity'` or `'auto'`). Received: "
+            f"layout={layout!r}, capacity_factor={capacity_factor!r}"
+        )
+    if capacity_factor is None and layout == "capacity":
+        raise ValueError(
+            "`layout='capacity'` drops the assignments past each expert's "
+            "capacity: it needs a `capacity_factor` (None is dropless). "
+            "Received: layout='capacity', capacity_factor=None"
+        )
+    return layout
+
+
+def choose_layout(
+    layout,
+    capacity_factor=None,
+    training=None,
+    features=None,
+    n_assignments=None,
+    n_experts=None,
+    has_grouped_matmul=False,
+    distributed=False,
+):
+    """The layout a dispatch runs: one of `"capacity"`, `"tiers"`,
+    `"blocks"`, `"grouped"`.
+
+    A pure function of the setting and the sizes. An explicit `layout` is
+    kept; `"auto"` takes `"capacity"` with a `capacity_factor`, else
+    `"grouped"` where the backend has a grouped matmul (`has_grouped_matmul`),
+    else `"blocks"` in training (`training`) outside a `keras.distribution`
+    for tokens of at most twice the block size's `features` (each block
+    copies its expert's weights, which for wider tokens outweigh its rows;
+    the capacity tiers' run-time `ops.cond` costs in the backward, where the
+    gradient keeps every branch's intermediates), else `"tiers"` (cheaper
+    forward).
+
+    Args:
+        layout: One of `LAYOUTS`.
+        capacity_factor: `None` (dropless) or a positive float.
+        training: Whether the call trains.
+        features: The tokens' feature count `d` (None if unknown).
+        n_assignments: `tokens * top_k` (a Python int, or None if dynamic).
+        n_experts: Python int.
+        has_grouped_matmul: Whether the backend's grouped matmul can run.
+        distributed: Whether a `keras.distribution` is set.
+
+    Example:
+
+    >>> from keras_moe.routing import choose_layout
+    >>> choose_layout("auto", training=True, features=64,
+    ...               n_assignments=4096, n_experts=16)
+    'blocks'
+    >>> choose_layout("auto", capacity_factor=1.25)
+    'capacity'
+    """
+    layout = check_layout(layout, capacity_factor)
+    if layout != "auto":
+        if layout == "grouped" and not has_grouped_matmul:
+            raise ValueError(
+                "`layout='grouped'` needs a backend grouped matmul, which the "
+                f"{keras.backend.backend()!r} backend does not have here "
+                "(PyTorch has one; JAX on a GPU). Received: layout='grouped'"
+            )
+        return layout
+    if capacity_factor is not None:
+        return "capacity"
+    if has_grouped_matmul:
+        return "grouped"
+    block = default_block_size(n_assignments, n_experts or 1)
+    narrow = features is not None and features <= 2 * block
+    if training and not distributed and narrow:
+        return "blocks"
+    return "tiers"
 
 
 def sparse_mixture(
@@ -36,7 +143,7 @@ def sparse_mixture(
     experts,
     weights,
     n_experts,
-    expert_fn,
+    expert_bank,
     capacity_factor=None,
     mask=None,
     layout="auto",
@@ -45,7 +152,7 @@ def sparse_mixture(
 ):
     """Runs each token through its chosen experts only and mixes the results.
 
-    `y[t] = sum_j w[t, j] * expert_{e[t, j]}(x[t])`, with `expert_fn`
+    `y[t] = sum_j w[t, j] * expert_{e[t, j]}(x[t])`, with the expert bank
     applied once to every expert's gathered tokens in a static-shaped layout
     (no loop over experts; see `keras_moe.routing.layouts`).
 
@@ -54,53 +161,63 @@ def sparse_mixture(
         experts: `(n, k)` int32 chosen experts (from `top_k_gates`).
         weights: `(n, k)` weights of the chosen experts.
         n_experts: Python int.
-        expert_fn: `fn(layout, x) -> h`: the experts applied to the gathered
-            rows `x`, using `layout.matmul(x, kernel)` for `(e, d, m)`
-            kernels and `layout.add_bias(x, bias)` for `(e, m)` biases.
+        expert_bank: The experts: a layer called as
+            `expert_bank(rows, layout=plan)` on the rows a plan gathered,
+            which returns their outputs in the same layout
+            (`keras_moe.layers.FeedForwardExperts`, or any layer that
+            multiplies its per-expert weights through the layout's `select`,
+            `matmul` and `broadcast`).
         capacity_factor: `None` (dropless) or a positive float: each expert
-            takes `ceil(capacity_factor * n * k / e)` assignments, the rest
-            are dropped (they contribute zero). Under a `keras.distribution`
-            with a batch axis, `n` is the tokens of one batch shard: each
-            shard routes its own tokens (`distribution_groups`).
-        mask: optional `(n,)` bool; masked tokens are not dispatched, their
+            takes `ceil(capacity_factor * n * k / e)` assignments (at most
+            `n`), the rest are dropped (they contribute zero). Under a
+            `keras.distribution` with a batch axis, `n` is the tokens of one
+            batch shard: each shard routes its own tokens
+            (`distribution_groups`).
+        mask: Optional `(n,)` bool; masked tokens are not dispatched, their
             output is zero and they are not counted in `group_sizes`.
-        layout: how the dropless mode lays the rows out (with a
-            `capacity_factor`, always the capacity buffer):
-            - `"auto"`: `"rows"` where the backend has a grouped matmul
-              (PyTorch; JAX on a GPU: `jax.lax.ragged_dot`); else `"blocks"` when `training` is true, outside a
-              `keras.distribution`, for tokens of at most twice the block
-              size's features (256 at most; each block copies its
-              expert's weights, which for wider tokens outweigh the rows);
-              `"capacity"` otherwise. The capacity tiers' run-time
-              `ops.cond` is cheap forward but costs in the backward (the
-              gradient of a conditional keeps every branch's
-              intermediates), the blocks the reverse.
-            - `"capacity"`: the smallest capacity buffer of
-              `dropless_capacity_factors` that holds every expert's group
-              (checked at run time with `ops.cond`), else padded blocks;
-              under a `keras.distribution` the last tier is a buffer of `n`
-              slots per expert instead of the blocks, which holds any routing
-              and keeps the expert weights where they are sharded.
-            - `"blocks"`: each expert's group padded to a multiple of a block.
-            - `"rows"`: the sorted rows, for the backend's grouped matmul
-              (`ValueError` where the backend has none).
-        dropless_capacity_factors: the capacity tiers of `layout="capacity"`.
-        training: whether this is a training call (chooses `"auto"`'s
-            layout; the outputs are the same).
+        layout: One of `LAYOUTS` (`choose_layout` resolves `"auto"`).
+        dropless_capacity_factors: The capacity tiers of `"tiers"`.
+        training: Whether this is a training call (for `"auto"`; the
+            outputs are the same).
 
     Returns:
         `(outputs, group_sizes, dropped_fraction)`: `(n, m)` outputs, `(e,)`
         int32 assignments per expert, float32 dropped share of the routed
         assignments (0 in dropless mode, and when nothing was routed).
     """
-    if layout not in LAYOUTS:
-        raise ValueError(
-            f"`layout` must be one of {list(LAYOUTS)}. Received: layout={layout!r}"
-        )
+    layout = _RENAMED_LAYOUTS.get(layout, layout)
+    run_experts = dispatch_runner(expert_bank)
     if experts.shape[0] == 0:
         empty = EmptyLayout(experts.shape[-1])
-        outputs = _run_empty(empty, tokens, expert_fn)
+        outputs = empty.run(tokens, run_experts)
         return outputs, ops.zeros((n_experts,), "int32"), empty.dropped_fraction
+    plan, group_sizes = plan_dispatch(
+        tokens,
+        experts,
+        weights,
+        n_experts,
+        capacity_factor=capacity_factor,
+        mask=mask,
+        layout=layout,
+        dropless_capacity_factors=dropless_capacity_factors,
+        training=training,
+    )
+    return plan.run(tokens, run_experts), group_sizes, plan.dropped_fraction
+
+
+def plan_dispatch(
+    tokens,
+    experts,
+    weights,
+    n_experts,
+    capacity_factor=None,
+    mask=None,
+    layout="auto",
+    dropless_capacity_factors=DROPLESS_CAPACITY_FACTORS,
+    training=None,
+):
+    """The plan of one dispatch (`sparse_mixture`'s arguments, without the
+    bank): `(plan, group_sizes)`. `plan.run(tokens, run_experts)` runs it."""
     groups, constrain = distribution_groups(experts.shape[0])
     if groups > 1:
         # Each batch shard routes its own tokens (GShard's groups): group `g`'s
@@ -112,51 +229,31 @@ def sparse_mixture(
         group = ops.arange(experts.shape[0], dtype="int32") // per_group
         experts = experts + ops.expand_dims(group * n_experts, 1)
     a = Assignments(experts, weights, groups * n_experts, mask)
-    # Tokens per group: a scalar tensor for a dynamic batch (TensorFlow's
-    # graph mode), which never has groups.
-    group_tokens = a.n_tokens // groups
     group_sizes = a.group_sizes
     if groups > 1:
         group_sizes = ops.sum(ops.reshape(group_sizes, (groups, n_experts)), axis=0)
-
-    def run(plan):
-        return plan.combine(expert_fn(plan, plan.gather(tokens)))
-
-    def capacity_layout(capacity):
-        return CapacityLayout(a, capacity, groups, constrain)
-
-    def nonempty(compute):
-        # A dynamic token count (TensorFlow's graph mode) may be 0 at run time.
-        if isinstance(a.total, int):
-            return compute()
-        empty = EmptyLayout(a.top_k)
-        return ops.cond(
-            a.total > 0, compute, lambda: _run_empty(empty, tokens, expert_fn)
-        )
-
-    dropped = ops.zeros((), "float32")
-    if capacity_factor is not None:
-        capacity = expert_capacity(group_tokens, a.top_k, n_experts, capacity_factor)
-        plan = capacity_layout(capacity)
-        return nonempty(lambda: run(plan)), group_sizes, plan.dropped_fraction
-    grouped_matmul = _grouped_matmul()
-    if layout == "rows" and grouped_matmul is None:
-        raise ValueError(
-            "`layout='rows'` needs a backend grouped matmul, which the "
-            f"{keras.backend.backend()!r} backend does not have here. "
-            f"Received: layout={layout!r}"
-        )
-    if layout in ("auto", "rows") and grouped_matmul is not None:
-        return run(RowLayout(a, grouped_matmul)), group_sizes, dropped
     distributed = keras.distribution.distribution() is not None
-    if layout == "blocks" or (
-        layout == "auto"
-        and training
-        and not distributed
-        and _narrow(tokens, a.total, n_experts)
-    ):
-        return nonempty(lambda: run(BlockLayout(a))), group_sizes, dropped
-
+    matmul = grouped_matmul()
+    name = choose_layout(
+        layout,
+        capacity_factor=capacity_factor,
+        training=training,
+        features=tokens.shape[-1],
+        n_assignments=a.total if isinstance(a.total, int) else None,
+        n_experts=n_experts,
+        has_grouped_matmul=matmul is not None,
+        distributed=distributed,
+    )
+    # Tokens per group: a scalar tensor for a dynamic batch (TensorFlow's
+    # graph mode), which never has groups.
+    group_tokens = a.n_tokens // groups
+    if name == "capacity":
+        capacity = expert_capacity(group_tokens, a.top_k, n_experts, capacity_factor)
+        return CapacityLayout(a, capacity, groups, constrain), group_sizes
+    if name == "grouped":
+        return RowLayout(a, matmul), group_sizes
+    if name == "blocks":
+        return BlockLayout(a), group_sizes
     factors = tuple(dropless_capacity_factors)
     if distributed:
         # Under a distribution the blocks would copy every block's expert
@@ -164,34 +261,56 @@ def sparse_mixture(
         # tier is instead a buffer that holds every assignment (an expert
         # takes each token at most once: `n` slots), sharded like the others.
         factors = factors + (n_experts / a.top_k,)
-
-    def exact(factors):
-        # The run-time choice needs a static token count (a dynamic one, as in
-        # TensorFlow's graph mode, goes straight to the blocks).
-        if not factors or not isinstance(a.total, int):
-            return lambda: run(BlockLayout(a))
-        capacity = expert_capacity(group_tokens, a.top_k, n_experts, factors[0])
-        if isinstance(capacity, int) and capacity >= group_tokens:
-            return lambda: run(capacity_layout(capacity))
-        return lambda: ops.cond(
-            a.max_group_size <= capacity,
-            lambda: run(capacity_layout(capacity)),
-            exact(factors[1:]),
-        )
-
-    return nonempty(exact(factors)), group_sizes, dropped
+    tiers = [
+        expert_capacity(group_tokens, a.top_k, n_experts, factor) for factor in factors
+    ]
+    return TieredPlan(a, tiers, groups, constrain), group_sizes
 
 
-def _narrow(tokens, n_assignments, n_experts):
-    """Whether the tokens are narrow enough for the blocks in training: each
-    block copies its expert's weights (`d x m` per kernel), which costs
-    about `d / block` times the memory of the block's rows; up to `d` of
-    twice the block size that is at most about the rows' own. (At
-    Mixtral 8x7B's width, d=4096, it would be 30 times: wider tokens take
-    the capacity tiers.)"""
-    d = tokens.shape[-1]
-    return d is not None and d <= 2 * default_block_size(n_assignments, n_experts)
+class TieredPlan:
+    """Dropless capacity tiers: the smallest capacity buffer that holds every
+    expert's group, chosen at run time (`ops.cond`), else padded blocks.
+
+    The run-time choice needs a static token count: a dynamic one (as in
+    TensorFlow's graph mode) goes straight to the blocks.
+    """
+
+    def __init__(self, assignments, capacities, groups=1, constrain=None):
+        self.assignments = assignments
+        self.capacities = capacities
+        self.groups = groups
+        self.constrain = constrain
+        self.dropped_fraction = ops.zeros((), "float32")
+
+    def run(self, tokens, run_experts):
+        a = self.assignments
+
+        def layout_run(layout):
+            return lambda: layout.run(tokens, run_experts)
+
+        def tiers(capacities):
+            if not capacities or not isinstance(a.total, int):
+                return layout_run(BlockLayout(a))
+            capacity = capacities[0]
+            layout = CapacityLayout(a, capacity, self.groups, self.constrain)
+            if isinstance(capacity, int) and capacity >= a.n_tokens // self.groups:
+                return layout_run(layout)
+            return lambda: ops.cond(
+                a.max_group_size <= capacity, layout_run(layout), tiers(capacities[1:])
+            )
+
+        return tiers(self.capacities)()
 
 
-def _run_empty(empty, tokens, expert_fn):
-    return empty.combine(expert_fn(empty, empty.gather(tokens)))
+def dispatch_runner(expert_bank):
+    """`run(layout, rows)` for an expert bank layer, or for a 0.2.0-style
+    function `fn(layout, rows)`."""
+    if isinstance(expert_bank, keras.layers.Layer):
+        return lambda layout, rows: expert_bank(rows, layout=layout)
+    if callable(expert_bank):
+        return expert_bank
+    raise TypeError(
+        "`expert_bank` must be a layer called as `expert_bank(rows, "
+        "layout=...)`, such as `keras_moe.layers.FeedForwardExperts`. "
+        f"Received: expert_bank={expert_bank!r}"
+    )

@@ -13,10 +13,9 @@ Not causal: which tokens an expert takes depends on every token of the batch
 depends on later tokens. A decoder must not use it for autoregressive
 inference as it is (the "Limitations" of Zhou et al. 2022).
 
-The experts run on an `(E, c, d)` buffer, `ExpertChoiceLayout`, through the
-same `expert_fn(layout, rows)` as `sparse_mixture`'s layouts (`matmul` of
-`(E, d, m)` kernels, `add_bias` of `(E, m)` biases), so a layer's expert
-function serves both routers unchanged.
+The experts run on an `(E, c, d)` buffer, `ExpertChoiceLayout`, a
+`routing.layouts.Layout` like `sparse_mixture`'s, so an expert bank
+(`keras_moe.layers.FeedForwardExperts`) serves both routers unchanged.
 
 Einsum legend: `e` experts, `c` capacity slots, `d` inputs, `m` outputs.
 """
@@ -24,17 +23,10 @@ Einsum legend: `e` experts, `c` capacity slots, `d` inputs, `m` outputs.
 import keras
 from keras import ops
 
-from keras_moe import utils
-from keras_moe.routing.gates import gate_logits
+from keras_moe.routing.dispatch import dispatch_runner
 from keras_moe.routing.layouts import Layout
 from keras_moe.routing.layouts import expert_capacity
 from keras_moe.routing.losses import router_entropy
-from keras_moe.routing.losses import router_z_loss
-from keras_moe.routing.statistics import add_routing_stats_weights
-from keras_moe.routing.statistics import last_routing_stats
-from keras_moe.routing.statistics import mean_routing_stats
-from keras_moe.routing.statistics import record_routing_stats
-from keras_moe.routing.statistics import reset_routing_stats
 
 
 def expert_choice_capacity(n_tokens, top_k, n_experts, capacity_factor=None):
@@ -137,12 +129,8 @@ class ExpertChoiceLayout(Layout):
     def gather(self, tokens):
         return self._constrain(super().gather(tokens))
 
-    def matmul(self, x, kernel, expert_axis=0):
-        equation = "ecd,edm->ecm" if expert_axis == 0 else "ecd,dem->ecm"
-        return self._constrain(ops.einsum(equation, x, ops.cast(kernel, x.dtype)))
-
-    def add_bias(self, x, bias):
-        return x + ops.expand_dims(ops.cast(bias, x.dtype), 1)
+    def matmul(self, x, kernel):
+        return self._constrain(super().matmul(x, kernel))
 
     def combine(self, expert_outputs):
         units = expert_outputs.shape[-1]
@@ -163,15 +151,16 @@ class ExpertChoiceLayout(Layout):
         return ops.cast(summed, rows.dtype)
 
 
-def expert_choice_mixture(inputs, weights, tokens, expert_fn, mask=None):
+def expert_choice_mixture(inputs, weights, tokens, expert_bank, mask=None):
     """Runs each expert on the tokens it took and sums them back: `(n, m)`.
 
     Args:
         inputs: `(n, d)` inputs of the experts.
         weights: `(E, c)` weights (from `expert_choice_gates`).
         tokens: `(E, c)` int32 tokens each expert took.
-        expert_fn: `fn(layout, x) -> h`, the experts on the `(E, c, d)`
-            rows, as for `sparse_mixture`.
+        expert_bank: The experts, a layer called as
+            `expert_bank(rows, layout=layout)` on the `(E, c, d)` rows, as
+            for `sparse_mixture`.
         mask: optional `(n,)` bool; masked tokens are run by no expert and
             their output is zero.
     """
@@ -179,13 +168,14 @@ def expert_choice_mixture(inputs, weights, tokens, expert_fn, mask=None):
     if n is None:
         n = ops.shape(inputs)[0]
     layout = ExpertChoiceLayout(weights, tokens, n, mask)
-    return layout.combine(expert_fn(layout, layout.gather(inputs)))
+    return layout.run(inputs, dispatch_runner(expert_bank))
 
 
 def expert_choice_statistics(weights, tokens, logits, mask=None):
-    """`(E + 2,)` float32: each expert's share of the routed (unmasked)
-    rows, the share of unmasked tokens that no expert took, and the mean
-    router entropy (nats), without gradient."""
+    """The routing statistics of expert choice, float32 without gradient:
+    `expert_load` `(E,)`, each expert's share of the routed (unmasked) rows;
+    `dropped_fraction`, the share of unmasked tokens that no expert took;
+    `router_entropy`, the mean router entropy (nats)."""
     n = logits.shape[0]
     if n is None:
         n = ops.shape(logits)[0]
@@ -203,249 +193,8 @@ def expert_choice_statistics(weights, tokens, logits, mask=None):
         taken = ops.segment_sum(kept, flat, num_segments=n) > 0
         dropped = ops.sum(valid * (1.0 - ops.cast(taken, "float32")))
         dropped = dropped / ops.maximum(ops.sum(valid), 1.0)
-    scalars = ops.stack([dropped, router_entropy(logits, mask)])
-    return ops.stop_gradient(ops.concatenate([load, scalars]))
-
-
-@keras.saving.register_keras_serializable(package="keras_moe")
-class ExpertChoiceRouter(keras.layers.Layer):
-    """Expert-choice router (Zhou et al. 2022): each expert picks its tokens.
-
-    `S = softmax(x . W_r (+ b_r))` over the experts, in float32; expert `e`
-    takes the `c = ceil(capacity_factor * top_k * n / E)` tokens (at most
-    `n`) of largest `S[:, e]` among the `n` tokens of the call, and
-    `dispatch` computes `y_t = sum over the experts e that took t of
-    S[t, e] * expert_e(x_t)`; a token that no expert took gets zero. Every
-    expert runs `c` tokens, so the load is balanced by construction (no
-    balancing loss); what varies is how many experts each token gets
-    (`top_k` on average), and `dropped_fraction` reports the share of tokens
-    that got none.
-
-    It routes all tokens of a call at once (every position of every
-    sequence of the batch): a token's routing depends on the other tokens,
-    later ones included, so it is not causal, and a decoder must not use it
-    for autoregressive inference without care (the paper's own caveat). It
-    also routes over the whole batch under a `keras.distribution` (the same
-    result on any number of devices), with the experts' `(E, c, d)` buffer
-    laid out over the expert axis of `expert_parallel_layout_map`'s mesh.
-
-    Statistics, in two non-trainable float32 variables updated at every call
-    (as `TopKRouter`'s): `routing_stats_last`, the last call's
-    `(expert loads..., dropped fraction, entropy)`, and `routing_stats_sum`,
-    their running sums over the training calls plus the number of calls.
-
-    Args:
-        n_experts: Positive integer, number of experts `E`.
-        top_k: Integer from 1 to `n_experts`, average experts per token.
-        capacity_factor: `None` (1.0) or a positive float `f`, scaling the
-            tokens each expert takes.
-        router_z_loss_weight: Non-negative weight of the router z-loss
-            `mean(logsumexp(z)^2)` (ST-MoE), added in training.
-        use_bias: Whether the logits have a bias `b_r`.
-        kernel_initializer: Initializer of the router kernel `W_r`.
-        bias_initializer: Initializer of the router bias.
-        kernel_regularizer: Regularizer of the router kernel.
-        bias_regularizer: Regularizer of the router bias.
-        kernel_constraint: Constraint of the router kernel.
-        bias_constraint: Constraint of the router bias.
-        **kwargs: Base layer arguments (`name`, `dtype`, ...).
-
-    Call arguments:
-        inputs: `(tokens, d)` tensor.
-        mask: Optional `(tokens,)` boolean mask: masked tokens are taken by
-            no expert (unless fewer tokens than `c` are unmasked, then with
-            weight 0 and never run) and count in no loss or statistic.
-        training: Python bool: the z-loss and the running sums only when
-            `True`.
-
-    Returns:
-        `(weights, tokens)`: `(E, c)` float32 scores `S[t, e]` of the tokens
-        each expert took, best first, and their `(E, c)` int32 indices.
-
-    Input shape:
-        2D tensor `(tokens, d)`.
-
-    Output shape:
-        Two 2D tensors `(n_experts, c)`.
-
-    Example:
-
-    >>> import numpy as np
-    >>> from keras_moe.routing import ExpertChoiceRouter
-    >>> router = ExpertChoiceRouter(n_experts=4, top_k=2)
-    >>> weights, tokens = router(np.ones((6, 8), "float32"))
-    >>> tuple(weights.shape), tuple(tokens.shape)  # c = ceil(2 * 6 / 4)
-    ((4, 3), (4, 3))
-    >>> sorted(router.routing_stats)
-    ['dropped_fraction', 'expert_load', 'router_entropy']
-
-    References:
-        - Zhou et al., "Mixture-of-Experts with Expert Choice Routing",
-          NeurIPS 2022.
-        - Zoph et al., "ST-MoE: Designing Stable and Transferable Sparse
-          Expert Models", 2022.
-    """
-
-    def __init__(
-        self,
-        n_experts,
-        top_k=2,
-        capacity_factor=None,
-        router_z_loss_weight=0.0,
-        use_bias=False,
-        kernel_initializer="glorot_uniform",
-        bias_initializer="zeros",
-        kernel_regularizer=None,
-        bias_regularizer=None,
-        kernel_constraint=None,
-        bias_constraint=None,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.n_experts = utils.check_positive_int("n_experts", n_experts)
-        self.top_k = utils.check_positive_int("top_k", top_k)
-        if self.top_k > self.n_experts:
-            raise ValueError(
-                "`top_k` must be an integer from 1 to `n_experts`. "
-                f"Received: top_k={top_k}, n_experts={n_experts}"
-            )
-        self.capacity_factor = None
-        if capacity_factor is not None:
-            self.capacity_factor = utils.check_positive_float(
-                "capacity_factor", capacity_factor
-            )
-        self.router_z_loss_weight = utils.check_non_negative_float(
-            "router_z_loss_weight", router_z_loss_weight
-        )
-        self.use_bias = utils.check_bool("use_bias", use_bias)
-        self.kernel_initializer = utils.get_initializer(
-            "kernel_initializer", kernel_initializer
-        )
-        self.bias_initializer = utils.get_initializer(
-            "bias_initializer", bias_initializer
-        )
-        self.kernel_regularizer = utils.get_regularizer(
-            "kernel_regularizer", kernel_regularizer
-        )
-        self.bias_regularizer = utils.get_regularizer(
-            "bias_regularizer", bias_regularizer
-        )
-        self.kernel_constraint = utils.get_constraint(
-            "kernel_constraint", kernel_constraint
-        )
-        self.bias_constraint = utils.get_constraint("bias_constraint", bias_constraint)
-        self.input_spec = keras.layers.InputSpec(ndim=2)
-
-    def build(self, input_shape):
-        input_dim = tuple(input_shape)[-1]
-        if input_dim is None:
-            raise ValueError(
-                "The last axis of the input of `ExpertChoiceRouter` must be "
-                f"defined. Received: input_shape={tuple(input_shape)}"
-            )
-        # The router stays in float32 under mixed precision: no autocast.
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(input_dim, self.n_experts),
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-            constraint=self.kernel_constraint,
-            autocast=False,
-        )
-        self.bias = None
-        if self.use_bias:
-            self.bias = self.add_weight(
-                name="bias",
-                shape=(self.n_experts,),
-                initializer=self.bias_initializer,
-                regularizer=self.bias_regularizer,
-                constraint=self.bias_constraint,
-                autocast=False,
-            )
-        add_routing_stats_weights(self, self.n_experts)
-        self.input_spec = keras.layers.InputSpec(ndim=2, axes={-1: input_dim})
-
-    def capacity(self, n_tokens):
-        """Tokens each expert takes out of `n_tokens`."""
-        return expert_choice_capacity(
-            n_tokens, self.top_k, self.n_experts, self.capacity_factor
-        )
-
-    def logits(self, inputs, training=None):
-        """Float32 router logits `(tokens, E)`."""
-        return gate_logits(inputs, self.kernel, self.bias)
-
-    def call(self, inputs, mask=None, training=None):
-        if mask is not None:
-            mask = ops.reshape(mask, (-1,))
-        n = inputs.shape[0]
-        if n is None:
-            n = ops.shape(inputs)[0]
-        logits = self.logits(inputs, training=training)
-        weights, tokens, _ = expert_choice_gates(logits, self.capacity(n), mask)
-        if training and self.router_z_loss_weight:
-            self.add_loss(self.router_z_loss_weight * router_z_loss(logits, mask))
-        stats = expert_choice_statistics(weights, tokens, logits, mask)
-        record_routing_stats(self, stats, training)
-        return weights, tokens
-
-    def dispatch(self, inputs, weights, tokens, expert_fn, mask=None, training=None):
-        """Runs the experts on the tokens they took: `(tokens, m)`.
-
-        `expert_choice_mixture` on the `(weights, tokens)` that `call`
-        returned; `expert_fn(layout, rows)` is the same function a
-        `TopKRouter.dispatch` takes.
-        """
-        if mask is not None:
-            mask = ops.reshape(mask, (-1,))
-        return expert_choice_mixture(inputs, weights, tokens, expert_fn, mask)
-
-    @property
-    def routing_stats(self):
-        """Statistics of the last call, as NumPy: `expert_load` (each
-        expert's share of the tokens taken: uniform unless fewer tokens than
-        `c` are unmasked), `dropped_fraction` (the share of unmasked tokens
-        that no expert took) and `router_entropy` (mean entropy in nats of
-        the softmax over the experts)."""
-        return last_routing_stats(self, self.n_experts)
-
-    def routing_stats_mean(self):
-        """Mean routing statistics over the training calls since the last
-        `reset_routing_stats` (`None` if there were none), plus `steps`."""
-        return mean_routing_stats(self, self.n_experts)
-
-    def reset_routing_stats(self):
-        """Zeroes the running sums behind `routing_stats_mean`."""
-        reset_routing_stats(self)
-
-    def compute_mask(self, inputs, mask=None):
-        # The outputs are per expert, not per token: no mask to carry on.
-        return None
-
-    def compute_output_shape(self, input_shape):
-        n = tuple(input_shape)[0]
-        shape = (self.n_experts, None if n is None else self.capacity(n))
-        return shape, shape
-
-    def compute_output_spec(self, inputs, mask=None, training=None):
-        shape, _ = self.compute_output_shape(inputs.shape)
-        return (
-            keras.KerasTensor(shape, "float32"),
-            keras.KerasTensor(shape, "int32"),
-        )
-
-    def get_config(self):
-        config = {
-            "n_experts": self.n_experts,
-            "top_k": self.top_k,
-            "capacity_factor": self.capacity_factor,
-            "router_z_loss_weight": self.router_z_loss_weight,
-            "use_bias": self.use_bias,
-            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
-            "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
-            "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
-            "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
-            "bias_constraint": keras.constraints.serialize(self.bias_constraint),
-        }
-        return {**super().get_config(), **config}
+    return {
+        "expert_load": ops.stop_gradient(load),
+        "dropped_fraction": ops.stop_gradient(dropped),
+        "router_entropy": ops.stop_gradient(router_entropy(logits, mask)),
+    }

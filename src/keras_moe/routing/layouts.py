@@ -17,6 +17,14 @@ matmul, and combines the results back per token:
 
 Compute and memory grow with `k`, not with the number of experts.
 
+The interface between a layout and the expert bank that runs on it
+(`keras_moe.layers.FeedForwardExperts`) is three operations of `Layout`:
+`select(w)` picks, from a per-expert weight `(E, ...)`, what the layout's
+rows need (all of it, or each block's expert's); `matmul(x, kernel)`
+multiplies every row by its expert's (selected) kernel; `broadcast(v)`
+lines a (selected) per-expert vector up with the rows, to add a bias or
+scale an output. Anything element-wise applies to the rows as it is.
+
 Einsum legend: `g` groups, `e` experts, `c` capacity slots, `n` blocks (or
 tokens), `b` rows per block, `k` chosen experts, `d` inputs, `m` outputs.
 """
@@ -128,34 +136,49 @@ class Assignments:
 
 
 class Layout:
-    """How one dispatch lays out the gathered rows; subclasses fill it in.
+    """Where each expert's rows sit while the experts run; the interface
+    between a dispatch and its expert bank.
 
-    A subclass's constructor sets `_rows_token` (the token of every row of
-    the layout), `_shape` (the layout's shape before the feature axis),
+    The base class lays the rows out on an expert axis: `(..., E, c, d)`,
+    every expert's `c` rows after the leading axes (a capacity buffer,
+    expert choice's buffer, Soft MoE's slots). A dispatch layout also
+    gathers its rows from the tokens (`gather`) and combines the outputs
+    back per token (`combine`): its constructor sets `_rows_token` (the
+    token of every row), `_shape` (the rows' shape before the feature axis),
     `_out_pos` (each assignment's row, slot-major), `_kept` (which
-    assignments count, or None for all) and `dropped_fraction`; it
-    overrides `matmul` and `add_bias`, the two hooks an expert function
-    uses for its per-expert weights. Any elementwise function of the rows
-    applies as it is.
+    assignments count, or None for all) and `dropped_fraction`.
+
+    The three operations an expert bank uses for its per-expert weights:
+
+    - `select(weights)`: from `(E, ...)` per-expert weights, those the rows
+      need, in the order `matmul` and `broadcast` take them (here all of
+      them; each block's expert's for `BlockLayout`).
+    - `matmul(x, kernel)`: each row times its expert's selected `(., d, m)`
+      kernel.
+    - `broadcast(vector)`: a selected per-expert `(., m)` vector shaped to
+      broadcast against the rows (to add a bias or scale an output).
     """
 
-    def __init__(self, assignments):
+    def __init__(self, assignments=None):
         self.assignments = assignments
         self.dropped_fraction = ops.zeros((), "float32")
+
+    def select(self, weights):
+        """The per-expert weights the rows need (all of them here)."""
+        return weights
+
+    def matmul(self, x, kernel):
+        """`(..., E, c, d)` rows times their expert's `(E, d, m)` kernel."""
+        return ops.einsum("...ecd,edm->...ecm", x, kernel)
+
+    def broadcast(self, vector):
+        """`(E, m)` per-expert vectors against `(..., E, c, m)` rows."""
+        return ops.expand_dims(vector, -2)
 
     def gather(self, tokens):
         """The layout's rows from the `(n, d)` tokens."""
         rows = gather_rows(tokens, self._rows_token)
         return ops.reshape(rows, self._shape + (tokens.shape[-1],))
-
-    def matmul(self, x, kernel, expert_axis=0):
-        """Each expert's rows times its kernel, `(e, d, m)` (or `(d, e, m)`
-        with `expert_axis=1`)."""
-        raise NotImplementedError
-
-    def add_bias(self, x, bias):
-        """Each expert's rows plus its `(e, m)` bias."""
-        raise NotImplementedError
 
     def combine(self, expert_outputs):
         """`y[t] = sum_j w[t, j] * h[row of (t, j)]` over the kept assignments."""
@@ -171,6 +194,24 @@ class Layout:
         h = ops.reshape(h, (a.top_k, -1, units))
         weights = ops.reshape(ops.cast(weights, h.dtype), (a.top_k, -1))
         return ops.einsum("knm,kn->nm", h, weights)
+
+    def run(self, tokens, run_experts):
+        """`combine(run_experts(self, gather(tokens)))`; zeros when a dynamic
+        token count (TensorFlow's graph mode) is 0 at run time."""
+        a = self.assignments
+
+        def compute():
+            return self.combine(run_experts(self, self.gather(tokens)))
+
+        if a is None or isinstance(a.total, int):
+            return compute()
+        empty = EmptyLayout(a.top_k)
+        return ops.cond(
+            a.total > 0, compute, lambda: empty.run(tokens, run_experts)
+        )
+
+
+ExpertAxisLayout = Layout
 
 
 class CapacityLayout(Layout):
@@ -206,17 +247,8 @@ class CapacityLayout(Layout):
     def gather(self, tokens):
         return self._constrain(super().gather(tokens))
 
-    def matmul(self, x, kernel, expert_axis=0):
-        equation = "ecd,edm->ecm" if expert_axis == 0 else "ecd,dem->ecm"
-        if self.groups > 1:
-            equation = "g" + equation.replace("->", "->g")
-        return self._constrain(ops.einsum(equation, x, ops.cast(kernel, x.dtype)))
-
-    def add_bias(self, x, bias):
-        bias = ops.expand_dims(ops.cast(bias, x.dtype), 1)
-        if self.groups > 1:
-            bias = ops.expand_dims(bias, 0)
-        return x + bias
+    def matmul(self, x, kernel):
+        return self._constrain(super().matmul(x, kernel))
 
 
 class BlockLayout(Layout):
@@ -252,19 +284,13 @@ class BlockLayout(Layout):
         self._kept = a.valid
         self._out_pos = ops.take(padded_starts, a.expert) + a.rank
 
-    def _owned(self, weights, expert_axis, dtype):
+    def select(self, weights):
         # Each block's expert weights, gathered with a dense gradient (a
         # scatter-add into the experts' weights; `gather_rows`).
-        if expert_axis != 0:
-            weights = ops.moveaxis(weights, expert_axis, 0)
-        return gather_rows(ops.cast(weights, dtype), self._owner)
+        return gather_rows(weights, self._owner)
 
-    def matmul(self, x, kernel, expert_axis=0):
-        kernel = self._owned(kernel, expert_axis, x.dtype)
+    def matmul(self, x, kernel):
         return ops.einsum("nbd,ndm->nbm", x, kernel)
-
-    def add_bias(self, x, bias):
-        return x + ops.expand_dims(self._owned(bias, 0, x.dtype), 1)
 
 
 class RowLayout(Layout):
@@ -286,43 +312,50 @@ class RowLayout(Layout):
         self._kept = a.valid
         self._out_pos = a.position
         # Masked assignments sort last, past every group: the grouped matmul
-        # leaves their rows (and their rows' gradients) undefined.
+        # leaves their rows undefined, any value, even inf or NaN, in its
+        # outputs and in its inputs' gradients. `gather` and `matmul` zero
+        # them (outputs, and inputs' gradients through `where`), so that they
+        # reach no value and no gradient: a zero upstream gradient does not
+        # suffice, as `0 * NaN` is NaN (an activation's gradient at an
+        # undefined row, a bias gathered for it).
         self._row_valid = None
         if a.valid is not None:
-            self._row_valid = ops.arange(a.total, dtype="int32") < a.starts[-1]
+            valid = ops.arange(a.total, dtype="int32") < a.starts[-1]
+            self._row_valid = ops.expand_dims(valid, 1)
 
-    def gather(self, tokens):
-        rows = gather_rows(tokens, self._rows_token)
+    def _defined(self, rows):
         if self._row_valid is None:
             return rows
-        # `where`, so that the undefined gradients of the masked rows (any
-        # value, even inf) do not reach their tokens.
-        return ops.where(ops.expand_dims(self._row_valid, 1), rows, 0)
+        return ops.where(self._row_valid, rows, ops.zeros_like(rows))
 
-    def matmul(self, x, kernel, expert_axis=0):
-        if expert_axis != 0:
-            kernel = ops.moveaxis(kernel, expert_axis, 0)
-        return self._grouped_matmul(x, ops.cast(kernel, x.dtype), self._group_ends)
+    def gather(self, tokens):
+        # `where`, so that the undefined gradients of the masked rows do not
+        # reach their tokens.
+        return self._defined(gather_rows(tokens, self._rows_token))
 
-    def add_bias(self, x, bias):
-        return x + ops.take(ops.cast(bias, x.dtype), self._row_expert, axis=0)
+    def matmul(self, x, kernel):
+        y = self._grouped_matmul(self._defined(x), kernel, self._group_ends)
+        return self._defined(y)
+
+    def broadcast(self, vector):
+        return ops.take(vector, self._row_expert, axis=0)
 
 
 class EmptyLayout(Layout):
     """No token at all: every product is an empty `(0, m)` array."""
 
     def __init__(self, top_k=1):
-        self.dropped_fraction = ops.zeros((), "float32")
+        super().__init__(None)
         self.top_k = top_k
 
     def gather(self, tokens):
         return tokens[:0]
 
-    def matmul(self, x, kernel, expert_axis=0):
+    def matmul(self, x, kernel):
         return ops.zeros((0, kernel.shape[-1]), x.dtype)
 
-    def add_bias(self, x, bias):
-        return x
+    def broadcast(self, vector):
+        return vector[:0]
 
     def combine(self, expert_outputs):
         return ops.reshape(expert_outputs, (0, expert_outputs.shape[-1]))

@@ -75,14 +75,3 @@ def expert_counts(experts, n_experts, mask=None):
         ),
         "int32",
     )
-
-
-def routing_statistics(group_sizes, dropped_fraction, logits, mask=None):
-    """`(e + 2,)` float32: each expert's share of the assignments, the dropped
-    fraction and the mean router entropy (nats), without gradient."""
-    sizes = ops.cast(group_sizes, "float32")
-    load = sizes / ops.maximum(ops.sum(sizes), 1.0)
-    scalars = ops.stack(
-        [ops.cast(dropped_fraction, "float32"), router_entropy(logits, mask)]
-    )
-    return ops.stop_gradient(ops.concatenate([load, scalars]))

@@ -72,7 +72,9 @@ def soft_slot_weights(logits, mask=None):
 
 
 def soft_slot_statistics(combine, n_experts, mask=None):
-    """`(E + 2,)` float32 statistics of Soft MoE, without gradient.
+    """Soft MoE's routing statistics, float32 without gradient: the
+    `expert_load`, `dropped_fraction` and `router_entropy` of
+    `routing.RoutingStatistics`.
 
     Every token reaches every expert, so the load of expert `e` is its share
     of the combine weights (`sum` over its slots, mean over the unmasked
@@ -94,5 +96,8 @@ def soft_slot_statistics(combine, n_experts, mask=None):
     load = masked_mean(shares, flat_mask)
     load = load / ops.maximum(ops.sum(load), 1e-30)
     entropy = -ops.sum(shares * ops.log(ops.maximum(shares, 1e-30)), axis=-1)
-    scalars = ops.stack([ops.zeros((), "float32"), masked_mean(entropy, flat_mask)])
-    return ops.stop_gradient(ops.concatenate([load, scalars]))
+    return {
+        "expert_load": ops.stop_gradient(load),
+        "dropped_fraction": ops.zeros((), "float32"),
+        "router_entropy": ops.stop_gradient(masked_mean(entropy, flat_mask)),
+    }
