@@ -13,8 +13,12 @@
   included `benchmarks/README.md` links as it does in the repository).
 - Optional pages (`OPTIONAL_PAGES`, written by others): their nav entry is
   dropped, with a log line, while the file does not exist.
+- The version: `VERSION_PLACEHOLDER` in a page becomes the package's
+  `__version__`, read from `src/keras_moe/version.py` (the file hatch builds
+  the package's version from), so the home page cannot show another one.
 """
 
+import ast
 import glob
 import logging
 import os
@@ -41,6 +45,8 @@ MODULES = [
 REFERENCE_INDEX = "reference/index.md"
 # Pages other people write; listed in the nav only once they exist.
 OPTIONAL_PAGES = {"multi-host.md"}
+# Written in a page where the package's version is shown.
+VERSION_PLACEHOLDER = "{{ keras_moe.__version__ }}"
 # Files mirrored into the site: (repository glob, folder it is relative to, docs folder).
 MIRRORS = [
     ("results/*/*.png", "results", "experiments"),
@@ -175,8 +181,29 @@ def mirrored_files(root):
                 yield path, posixpath.join(target, relative.replace(os.sep, "/"))
 
 
-# Set by on_config, used by on_files of the same build.
+def package_version(root):
+    """`keras_moe.__version__`, read from its file without importing the package."""
+    path = os.path.join(root, "src", PACKAGE, "version.py")
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    for node in tree.body:
+        if (
+            isinstance(node, ast.Assign)
+            and [getattr(t, "id", None) for t in node.targets] == ["__version__"]
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            return node.value.value
+    raise PluginError(f"{path} assigns no string to `__version__`")
+
+
+def substitute_version(markdown, version):
+    return markdown.replace(VERSION_PLACEHOLDER, version)
+
+
+# Set by on_config, used by on_files and on_page_markdown of the same build.
 _pages = {}
+_version = {}
 
 
 def _expand_nav(items, docs_dir):
@@ -204,6 +231,7 @@ def on_config(config):
     root = os.path.dirname(config.config_file_path)
     _pages.clear()
     _pages.update(reference_pages(root))
+    _version["value"] = package_version(root)
     config.nav = _expand_nav(config.nav or [], config.docs_dir)
     # `mkdocs serve` rebuilds when the package or the included results change.
     paths = ["src", "benchmarks/README.md", "benchmarks/results"]
@@ -227,3 +255,7 @@ def on_files(files, config):
             File.generated(config, path, abs_src_path=source, inclusion=inclusion)
         )
     return files
+
+
+def on_page_markdown(markdown, page, config, files):
+    return substitute_version(markdown, _version["value"])

@@ -7,8 +7,12 @@ sees at once which argument of which call is wrong.
 
 import math
 import numbers
+import re
+import warnings
 
 import keras
+
+from keras_moe.version import __version__
 
 
 def _is_int(value):
@@ -140,3 +144,99 @@ def get_constraint(name, value):
             f"`{name}` must be a Keras constraint (name, config, instance or None). "
             f"Received: {name}={value!r}"
         ) from e
+
+
+# ------------------------------------------------------------------ deprecation
+# A public name or argument that goes away keeps working for one minor version
+# and warns, naming its replacement and the version that removes it.
+
+_RELEASE = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
+
+
+def _release_key(name, value):
+    match = _RELEASE.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(
+            f"`{name}` must be a version `MAJOR.MINOR.PATCH`. Received: {name}={value!r}"
+        )
+    return tuple(int(part) for part in match.groups())
+
+
+def _check_name(name, value):
+    if not isinstance(value, str):
+        raise TypeError(
+            f"`{name}` must be a non-empty string. "
+            f"Received: {name}={value!r} of type {type(value).__name__}"
+        )
+    if not value:
+        raise ValueError(
+            f"`{name}` must be a non-empty string. Received: {name}={value!r}"
+        )
+
+
+def warn_deprecated(old, new, removed_in, stacklevel=2):
+    """Warns that `old` is deprecated in favour of `new`, gone in `removed_in`.
+
+    Emits a `DeprecationWarning` "`old` is deprecated and will be removed in
+    keras-moe X.Y.Z. Use `new` instead.", attributed to the code that called
+    the function that warns.
+
+    Args:
+        old: The deprecated name or argument, as the user writes it
+            (`"MoEFeedForward(router_bias=...)"`, `"routing.SparseRouter"`).
+        new: What to write instead.
+        removed_in: The `MAJOR.MINOR.PATCH` version that removes `old`: later
+            than the running version (a deprecation whose version has come is
+            removed, not kept warning).
+        stacklevel: As `warnings.warn`'s, counted from the caller of
+            `warn_deprecated`: 2 (default) names the code that called it.
+
+    Example:
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     warn_deprecated("old_units", "units", "99.0.0")
+    >>> print(caught[0].message)
+    `old_units` is deprecated and will be removed in keras-moe 99.0.0. Use `units` instead.
+    """
+    _check_name("old", old)
+    _check_name("new", new)
+    if _release_key("removed_in", removed_in) <= _release_key("version", __version__):
+        raise ValueError(
+            f"`removed_in` must be a version after keras-moe {__version__}, which "
+            f"should no longer have `{old}`. Received: removed_in={removed_in!r}"
+        )
+    warnings.warn(
+        f"`{old}` is deprecated and will be removed in keras-moe {removed_in}. "
+        f"Use `{new}` instead.",
+        DeprecationWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
+def deprecated_argument(kwargs, old, new, removed_in, default=None, stacklevel=2):
+    """Takes the deprecated argument `old` out of `kwargs`, warning if present.
+
+    For a layer's `__init__(..., **kwargs)` whose argument `old` is replaced
+    by `new`: call it before passing `kwargs` on, so that both a user's call
+    and a config saved by an older version (`from_config`) keep working for
+    one minor version, with a `DeprecationWarning` (`warn_deprecated`).
+
+    Args:
+        kwargs: The `**kwargs` dict; `old` is removed from it.
+        old: The deprecated argument's name.
+        new: What to write instead (`"units"`, `"router=TopKRouter(...)"`).
+        removed_in: The `MAJOR.MINOR.PATCH` version that removes `old`.
+        default: Returned when `kwargs` has no `old` (no warning then).
+        stacklevel: Counted from the caller of `deprecated_argument`: 2
+            (default) names the code that called that function, the user's
+            `Layer(...)` call when it is the layer's `__init__`.
+
+    Returns:
+        The value given for `old`, else `default`.
+    """
+    if old not in kwargs:
+        return default
+    warn_deprecated(old, new, removed_in, stacklevel=stacklevel + 1)
+    return kwargs.pop(old)
