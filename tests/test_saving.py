@@ -10,6 +10,8 @@ import textwrap
 import zipfile
 
 import keras
+
+import keras_moe
 import numpy as np
 import pytest
 
@@ -282,9 +284,29 @@ def test_files_of_earlier_versions_load_with_the_same_outputs(version, name):
     computed then."""
     path = LEGACY[version] / f"{name}.keras"
     model = keras.saving.load_model(path)
-    # Every saved array, routing statistics included, is in a variable (read
-    # before a call updates the statistics).
-    values = [to_numpy(v) for v in model.weights if v.name != "seed_generator_state"]
+    # Every saved array is in a variable (read before a call updates the
+    # statistics); the routing statistics, which those versions packed into
+    # two vectors `(loads, dropped, entropy)` and `(their sums, steps)`, are
+    # in a `RoutingStatistics` sublayer's seven variables.
+    statistics = [
+        layer
+        for layer in model._flatten_layers()
+        if isinstance(layer, keras_moe.routing.RoutingStatistics)
+    ]
+    packed = set()
+    values = []
+    for layer in statistics:
+        last = [layer.expert_load, layer.dropped_fraction, layer.router_entropy]
+        sums = [layer.expert_load_sum, layer.dropped_fraction_sum]
+        sums += [layer.router_entropy_sum, layer.steps]
+        for group in (last, sums):
+            packed.update(id(v) for v in group)
+            values.append(np.concatenate([np.ravel(to_numpy(v)) for v in group]))
+    values += [
+        to_numpy(v)
+        for v in model.weights
+        if v.name != "seed_generator_state" and id(v) not in packed
+    ]
     saved = saved_arrays(path)
     assert len(saved) == len(values)
     for array in saved:

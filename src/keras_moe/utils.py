@@ -5,12 +5,15 @@ backticks, says what was expected and ends with what was received, so a user
 sees at once which argument of which call is wrong.
 """
 
+import hashlib
 import math
 import numbers
 import re
 import warnings
 
 import keras
+
+from keras_moe import activations
 
 from keras_moe.version import __version__
 
@@ -37,6 +40,32 @@ def check_optional_positive_int(name, value, *, minimum=1):
     return None if value is None else check_positive_int(name, value, minimum=minimum)
 
 
+def check_top_k(top_k, n_experts):
+    """`top_k` as an int from 1 to `n_experts`."""
+    top_k = check_positive_int("top_k", top_k)
+    if top_k > n_experts:
+        raise ValueError(
+            "`top_k` must be an integer from 1 to `n_experts`. "
+            f"Received: top_k={top_k}, n_experts={n_experts}"
+        )
+    return top_k
+
+
+def check_optional_seed(seed):
+    """`seed` as an int >= 0, or None."""
+    return None if seed is None else check_positive_int("seed", seed, minimum=0)
+
+
+def check_same(name, expected, value):
+    """Refuses a `value` of `name` (when given) that differs from what a
+    given sublayer has."""
+    if value is not None and value != expected:
+        raise ValueError(
+            f"`{name}` must agree with the given sublayers, which have "
+            f"{name}={expected!r}. Received: {name}={value!r}"
+        )
+
+
 def check_non_negative_float(name, value):
     """Return `value` as a `float` if it is a finite real number `>= 0`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -58,6 +87,10 @@ def check_positive_float(name, value):
             f"`{name}` must be a positive number. Received: {name}={value!r}"
         )
     return value
+
+
+def check_optional_positive_float(name, value):
+    return None if value is None else check_positive_float(name, value)
 
 
 def check_bool(name, value):
@@ -106,7 +139,10 @@ def check_choice(name, value, choices):
 
 
 def get_activation(name, value):
-    """`keras.activations.get` with an error that names the argument."""
+    """`keras.activations.get`, also of keras-moe's names (`"gelu_tanh"`,
+    `keras_moe.activations`), with an error that names the argument."""
+    if isinstance(value, str) and value in activations.NAMED:
+        return activations.NAMED[value]
     try:
         return keras.activations.get(value)
     except (ValueError, TypeError) as e:
@@ -124,6 +160,32 @@ def get_initializer(name, value):
             f"`{name}` must be a Keras initializer (name, config or instance). "
             f"Received: {name}={value!r}"
         ) from e
+
+
+def initializer_for(initializer, key):
+    """`initializer` drawing values of its own for the weight `key`.
+
+    A Keras random initializer keeps one seed (drawn at its construction
+    when it is unseeded), so that one instance used for several weights
+    gives each the same values (the same random stream, reshaped). A layer
+    that creates several weights from one initializer takes each weight's
+    initializer from here: a copy whose seed is derived from the
+    initializer's seed and `key`, the weight's name in the layer
+    (`"sublayer/name"` for a sublayer's), so that every weight draws its own
+    values and a seeded initializer gives the same weights at every build.
+    An initializer without a seed (`"zeros"`, a constant) or seeded with a
+    `keras.random.SeedGenerator` (new values at every call) is returned as
+    it is.
+    """
+    seed = getattr(initializer, "seed", None)
+    if not _is_int(seed):
+        return initializer
+    config = initializer.get_config()
+    if "seed" not in config:
+        return initializer
+    digest = hashlib.sha256(f"{int(seed)}/{key}".encode()).digest()
+    config["seed"] = int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+    return type(initializer).from_config(config)
 
 
 def get_regularizer(name, value):

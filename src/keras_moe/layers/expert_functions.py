@@ -1,23 +1,35 @@
-"""The experts' element-wise math, shared by `MoEFeedForward` and its shared
-expert: activations (in float32 when asked), gated units (GLU, GPT-OSS's
-clamped SwiGLU), fused gate/up layouts, Gemma 4's router input."""
+"""The experts' element-wise math, shared by `FeedForwardExperts` and
+`SharedExpert`: activations (in float32 when asked), gated units (GLU,
+GPT-OSS's clamped SwiGLU), fused gate/up layouts."""
 
-import keras
 from keras import ops
 
 # The values of `gate_up_layout`.
 GATE_UP_LAYOUTS = ("separate", "concatenated", "interleaved")
 
 
-@keras.saving.register_keras_serializable(package="keras_moe", name="gelu_tanh")
-def gelu_tanh(x):
-    """GELU's tanh approximation, `activation="gelu_tanh"` (Gemma's experts)."""
-    return keras.activations.gelu(x, approximate=True)
-
-
-def get_activation(activation):
-    """`activation`, with `"gelu_tanh"` for GELU's tanh approximation."""
-    return gelu_tanh if activation == "gelu_tanh" else activation
+def check_gated_options(gated, use_bias, gate_up_layout, use_gate_bias, swiglu_limit):
+    """Refuses the gated experts' options on experts that are not gated, and
+    a gate bias where the layout has none."""
+    if not gated:
+        for name, value, default in (
+            ("gate_up_layout", gate_up_layout, "separate"),
+            ("swiglu_limit", swiglu_limit, None),
+            ("use_gate_bias", use_gate_bias, False),
+        ):
+            if value != default:
+                raise ValueError(
+                    f"`{name}` applies to gated experts only (`gated=True`). "
+                    f"Received: {name}={value!r}, gated=False"
+                )
+    if use_gate_bias and (not use_bias or gate_up_layout != "separate"):
+        raise ValueError(
+            "`use_gate_bias` adds a gate bias to the separate layout's biases: "
+            "it needs `use_bias=True` and `gate_up_layout='separate'` (a "
+            "fused layout's bias already covers the gate). Received: "
+            f"use_gate_bias=True, use_bias={use_bias!r}, "
+            f"gate_up_layout={gate_up_layout!r}"
+        )
 
 
 def activate(x, activation, activation_dtype=None):
@@ -56,13 +68,3 @@ def split_gate_up(h, gate_up_layout):
         gate, up = ops.split(h, 2, axis=-1)
         return gate, up
     return h[..., ::2], h[..., 1::2]
-
-
-def normalized_router_inputs(tokens, scale, epsilon):
-    """Gemma 4's router input `rms_norm(x) / sqrt(d) * scale`, the norm in
-    float32, the rest in `tokens`' dtype."""
-    x = ops.cast(tokens, "float32")
-    variance = ops.mean(ops.square(x), axis=-1, keepdims=True)
-    x = ops.cast(x * ops.power(variance + epsilon, -0.5), tokens.dtype)
-    x = x * ops.cast(tokens.shape[-1] ** -0.5, x.dtype)
-    return x * ops.cast(scale, x.dtype)

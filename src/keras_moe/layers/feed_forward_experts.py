@@ -4,6 +4,7 @@ mixture runs its experts with."""
 import keras
 from keras import ops
 
+from keras_moe import saved_formats
 from keras_moe import utils
 from keras_moe.layers import expert_functions
 from keras_moe.routing.layouts import ExpertAxisLayout
@@ -24,7 +25,7 @@ WEIGHTS = (
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class FeedForwardExperts(keras.layers.Layer):
+class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
     """A bank of `E` feed-forward experts, run on the rows a dispatch lays out.
 
     Expert `e` computes `down_e(act(x . gate_e) * (x . up_e))` when `gated`,

@@ -75,9 +75,7 @@ class SharedExpert(keras.layers.Layer):
         self.intermediate_dim = utils.check_positive_int(
             "intermediate_dim", intermediate_dim
         )
-        self.activation = utils.get_activation(
-            "activation", expert_functions.get_activation(activation)
-        )
+        self.activation = utils.get_activation("activation", activation)
         self.gated = utils.check_bool("gated", gated)
         self.use_bias = utils.check_bool("use_bias", use_bias)
         self.output_gate = utils.check_bool("output_gate", output_gate)

@@ -4,6 +4,7 @@
 import keras
 from keras import ops
 
+from keras_moe import saved_formats
 from keras_moe import utils
 from keras_moe.routing.gates import ROUTER_DTYPES
 from keras_moe.routing.gates import gate_logits
@@ -12,7 +13,7 @@ from keras_moe.routing.losses import router_z_loss
 from keras_moe.routing.statistics import RoutingStatistics
 
 
-class BaseRouter(keras.layers.Layer):
+class BaseRouter(saved_formats.LegacyLoading, keras.layers.Layer):
     """Base class of the routers: logits, losses, statistics, config.
 
     A router scores `n` tokens of `d` features against `E` experts with
@@ -189,6 +190,24 @@ class BaseRouter(keras.layers.Layer):
     def reset_routing_stats(self):
         """Zeroes the running sums behind `routing_stats_mean`."""
         self.statistics.reset()
+
+    def load_legacy_variables(self, store, version):
+        """Reads a router store written by keras-moe 0.2.0: its kernel,
+        bias and noise kernel, the routing statistics packed in two vectors
+        (`RoutingStatistics.assign_packed`), then the balance bias."""
+        head = [self.kernel, self.bias, getattr(self, "noise_kernel", None)]
+        head = [v for v in head if v is not None]
+        tail = [getattr(self, "balance_bias", None)]
+        tail = [v for v in tail if v is not None]
+        n = len(head)
+        if len(store.keys()) != n + 2 + len(tail):
+            saved_formats.assign_in_order(store, head + tail)  # raises
+        for i, variable in enumerate(head):
+            variable.assign(store[str(i)])
+        self.statistics.assign_packed(store[str(n)], store[str(n + 1)])
+        for i, variable in enumerate(tail):
+            variable.assign(store[str(n + 2 + i)])
+        saved_formats.restored(self.statistics)
 
     def call(self, inputs, mask=None, training=None):
         raise NotImplementedError

@@ -12,6 +12,8 @@ the results back, in three steps a reader (and a test) can take apart:
    and the plan combines the outputs per token.
 """
 
+import inspect
+
 import keras
 from keras import ops
 
@@ -44,8 +46,23 @@ DROPLESS_CAPACITY_FACTORS = (1.25, 1.5, 2.0)
 LAYOUTS = ("auto", "capacity", "tiers", "blocks", "grouped")
 DROPLESS_LAYOUTS = ("tiers", "blocks", "grouped")
 
-# keras-moe 0.2.0's names of two layouts.
-_RENAMED_LAYOUTS = {"rows": "grouped"}
+
+
+def _renamed_layout(layout, capacity_factor):
+    """0.2.0's names of two layouts, with a warning: `"rows"` (now
+    `"grouped"`) and the dropless `"capacity"` (now `"tiers"`)."""
+    new = {"rows": "grouped"}.get(layout)
+    if layout == "capacity" and capacity_factor is None:
+        new = "tiers"
+    if new is None:
+        return layout
+    utils.warn_deprecated(
+        f"`layout={layout!r}`" + (" without a capacity factor" if new == "tiers" else ""),
+        f"`layout={new!r}`",
+        removed_in="0.4.0",
+        stacklevel=3,
+    )
+    return new
 
 
 def grouped_matmul():
@@ -185,7 +202,7 @@ def sparse_mixture(
         int32 assignments per expert, float32 dropped share of the routed
         assignments (0 in dropless mode, and when nothing was routed).
     """
-    layout = _RENAMED_LAYOUTS.get(layout, layout)
+    layout = _renamed_layout(layout, capacity_factor)
     run_experts = dispatch_runner(expert_bank)
     if experts.shape[0] == 0:
         empty = EmptyLayout(experts.shape[-1])
@@ -303,14 +320,25 @@ class TieredPlan:
 
 
 def dispatch_runner(expert_bank):
-    """`run(layout, rows)` for an expert bank layer, or for a 0.2.0-style
-    function `fn(layout, rows)`."""
+    """`run(layout, rows)` of an expert bank: a layer (or a function) called
+    as `expert_bank(rows, layout=layout)`; 0.2.0's `expert_fn(layout, rows)`
+    still works, with a warning."""
     if isinstance(expert_bank, keras.layers.Layer):
         return lambda layout, rows: expert_bank(rows, layout=layout)
-    if callable(expert_bank):
+    if not callable(expert_bank):
+        raise TypeError(
+            "`expert_bank` must be a layer called as `expert_bank(rows, "
+            "layout=...)`, such as `keras_moe.layers.FeedForwardExperts`. "
+            f"Received: expert_bank={expert_bank!r}"
+        )
+    parameters = list(inspect.signature(expert_bank).parameters)
+    if parameters and parameters[0] == "layout":
+        utils.warn_deprecated(
+            "an expert function `expert_fn(layout, rows)`",
+            "an expert bank layer called as `expert_bank(rows, layout=...)` "
+            "(`keras_moe.layers.FeedForwardExperts`)",
+            removed_in="0.4.0",
+            stacklevel=3,
+        )
         return expert_bank
-    raise TypeError(
-        "`expert_bank` must be a layer called as `expert_bank(rows, "
-        "layout=...)`, such as `keras_moe.layers.FeedForwardExperts`. "
-        f"Received: expert_bank={expert_bank!r}"
-    )
+    return lambda layout, rows: expert_bank(rows, layout=layout)

@@ -13,6 +13,8 @@ the training step, so they survive `jit_compile` and JAX's stateless step.
 import keras
 from keras import ops
 
+from keras_moe import saved_formats
+
 # The statistics, in the order their variables are created (the order of
 # saved files): name -> shape given the number of experts.
 FIELDS = {
@@ -23,7 +25,7 @@ FIELDS = {
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class RoutingStatistics(keras.layers.Layer):
+class RoutingStatistics(saved_formats.LegacyLoading, keras.layers.Layer):
     """Routing statistics of the last call and their running sums.
 
     Variables, all non-trainable float32: for each statistic `s` of
