@@ -7,13 +7,13 @@ shards every keras-moe expert weight along its expert axis over one axis of a
 and the JAX compiler (GSPMD) do the rest. There is no keras-moe runtime.
 
 How a weight's expert axis is found: every keras-moe layer declares it in
-`expert_weight_axes()` (weight name -> axis). A `LayoutMap` only sees a
-variable's path (`".../layer_name/weight_name"`), so the map looks up the layer
-that is creating the variable (the innermost Keras name scope, opened by
-`Layer.add_weight` with the layer as its caller) and asks it. This keys the
-layout on the layer, not on guessed layer names: a renamed or nested keras-moe
-layer is sharded all the same, and a weight called `expert_kernel` in somebody
-else's layer is left alone.
+`expert_weight_axes()` (weight name -> axis) and creates its weights inside
+`expert_weights(layer)`, which tells the map, for a variable's path
+(`".../layer_name/weight_name"`), that the layer creating it now declared it.
+This keys the layout on the layer, not on guessed layer names: a renamed or
+nested keras-moe layer is sharded all the same, and a weight called
+`up_kernel` in somebody else's layer is left alone. The routing finds the
+mesh's expert axis with `expert_axis()`.
 
 Multi-host runs (one JAX process per host, `keras.distribution.initialize`)
 use the same map; `process_local_data` gives each process its rows of the
@@ -21,10 +21,11 @@ global arrays, batch by batch, so that `fit` on NumPy arrays sees the
 one-device run's batches (see `docs/multi-host.md`).
 """
 
+import contextlib
+import weakref
+
 import keras
 import numpy as np
-from keras.src.backend.common import global_state
-from keras.src.backend.common.name_scope import current_path
 from keras.src.distribution.distribution_lib import Distribution
 
 from keras_moe import utils
@@ -59,52 +60,79 @@ def check_backend():
         )
 
 
-def _creating_layer(path):
-    """The keras-moe layer that owns the variable at `path`, or None.
+# The expert weights of the keras-moe layers: while a layer creates its
+# weights (`expert_weights`), the names it declares with their expert axes,
+# innermost layer last; once created, each one's path and axis (a layout may
+# be asked for after creation, when Keras defers a variable's initialisation
+# while JAX traces a subclassed model's call).
+_DECLARING = []
+_EXPERT_PATHS = {}
+# The live expert-parallel layout maps, to find the expert axis of a
+# distribution from its mesh (`expert_axis`).
+_LAYOUT_MAPS = []
 
-    `Layer.add_weight` creates its variable inside
-    `backend.name_scope(layer.name, caller=layer)`, and Keras asks the
-    distribution for the variable's layout inside that scope. When Keras
-    defers the initialisation (variables first created while JAX traces a
-    subclassed model's call), the layout is asked for later, inside an outer
-    layer's scope: the variable is then found among that layer's sublayers.
+
+@contextlib.contextmanager
+def expert_weights(layer):
+    """The context in which a keras-moe `layer` creates its weights.
+
+    Its `expert_weight_axes()` (weight name -> expert axis) tells
+    `expert_parallel_layout_map` which of the variables created inside have
+    an expert axis, and where; after the context, their paths are
+    remembered for layouts asked later.
     """
-    stack = global_state.get_global_attribute("name_scope_stack") or []
-    callers = [scope.caller for scope in reversed(stack)]
-    if callers and path.rpartition("/")[0] == current_path():
-        # Created now, by the innermost caller.
-        return callers[0] if hasattr(callers[0], "expert_weight_axes") else None
-    for caller in callers:
-        if not isinstance(caller, keras.layers.Layer):
-            continue
-        for layer in caller._flatten_layers(include_self=True):
-            if hasattr(layer, "expert_weight_axes") and any(
-                v.path == path for v in layer.weights
-            ):
-                return layer
+    axes = layer.expert_weight_axes()
+    _DECLARING.append(axes)
+    try:
+        yield
+    finally:
+        _DECLARING.pop()
+    for variable in layer.weights:
+        axis = axes.get(variable.path.rpartition("/")[2])
+        if axis is not None:
+            _EXPERT_PATHS[variable.path] = axis
+
+
+def _declared_axis(path):
+    """The expert axis of the variable at `path`, or None."""
+    name = path.rpartition("/")[2]
+    if _DECLARING and name in _DECLARING[-1]:
+        return _DECLARING[-1][name]
+    return _EXPERT_PATHS.get(path)
+
+
+def expert_axis(distribution=None):
+    """The mesh axis the experts are split over under `distribution` (the
+    current one by default), or None when its layout map is not
+    `expert_parallel_layout_map`'s."""
+    if distribution is None:
+        distribution = keras.distribution.distribution()
+    mesh = getattr(distribution, "device_mesh", None)
+    for reference in list(_LAYOUT_MAPS):
+        layout_map = reference()
+        if layout_map is None:
+            _LAYOUT_MAPS.remove(reference)
+        elif mesh is not None and layout_map.device_mesh is mesh:
+            return layout_map.expert_axis
     return None
 
 
 class _ExpertParallelLayoutMap(keras.distribution.LayoutMap):
     """A `LayoutMap` that also lays out the expert weights of keras-moe layers.
 
-    A variable created by a layer with `expert_weight_axes()` that lists the
-    variable's name gets the layout
-    `(None,) * axis + (expert_axis,)`; every other path is looked up in the
-    entries, as in `LayoutMap`.
+    A variable that a keras-moe layer declared (`expert_weights`) gets the
+    layout `(None,) * axis + (expert_axis,)`; every other path is looked up
+    in the entries, as in `LayoutMap`.
     """
 
     def __init__(self, device_mesh, expert_axis):
         super().__init__(device_mesh)
         self.expert_axis = expert_axis
+        _LAYOUT_MAPS.append(weakref.ref(self))
 
     def expert_layout(self, path):
         """The expert-parallel `TensorLayout` of the variable at `path`, or None."""
-        layer = _creating_layer(path)
-        declare = getattr(layer, "expert_weight_axes", None)
-        if declare is None:
-            return None
-        axis = declare().get(path.rpartition("/")[2])
+        axis = _declared_axis(path)
         if axis is None:
             return None
         return keras.distribution.TensorLayout(

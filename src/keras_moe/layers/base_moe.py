@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from keras_moe import distribution
 from keras_moe import utils
 
 
@@ -100,43 +101,44 @@ class BaseMoE(keras.layers.Layer):
         In the original layers' order (expert kernel, gating kernel, expert
         bias, gating bias), which is also the order of saved files.
         """
-        self.expert_kernel = self.add_weight(
-            name="expert_kernel",
-            shape=expert_kernel_shape,
-            initializer=expert_kernel_initializer,
-            regularizer=self.expert_kernel_regularizer,
-            constraint=self.expert_kernel_constraint,
-        )
-        self._gating_kernel = None
-        if gating_kernel_shape is not None:
-            # The router stays in float32 under mixed precision: no autocast.
-            self._gating_kernel = self.add_weight(
-                name="gating_kernel",
-                shape=gating_kernel_shape,
-                initializer=gating_kernel_initializer,
-                regularizer=self.gating_kernel_regularizer,
-                constraint=self.gating_kernel_constraint,
-                autocast=False,
+        with distribution.expert_weights(self):
+            self.expert_kernel = self.add_weight(
+                name="expert_kernel",
+                shape=expert_kernel_shape,
+                initializer=expert_kernel_initializer,
+                regularizer=self.expert_kernel_regularizer,
+                constraint=self.expert_kernel_constraint,
             )
-        self.expert_bias = None
-        if self.use_expert_bias:
-            self.expert_bias = self.add_weight(
-                name="expert_bias",
-                shape=expert_bias_shape,
-                initializer=self.expert_bias_initializer,
-                regularizer=self.expert_bias_regularizer,
-                constraint=self.expert_bias_constraint,
-            )
-        self._gating_bias = None
-        if gating_bias_shape is not None and self.use_gating_bias:
-            self._gating_bias = self.add_weight(
-                name="gating_bias",
-                shape=gating_bias_shape,
-                initializer=self.gating_bias_initializer,
-                regularizer=self.gating_bias_regularizer,
-                constraint=self.gating_bias_constraint,
-                autocast=False,
-            )
+            self._gating_kernel = None
+            if gating_kernel_shape is not None:
+                # The router stays in float32 under mixed precision: no autocast.
+                self._gating_kernel = self.add_weight(
+                    name="gating_kernel",
+                    shape=gating_kernel_shape,
+                    initializer=gating_kernel_initializer,
+                    regularizer=self.gating_kernel_regularizer,
+                    constraint=self.gating_kernel_constraint,
+                    autocast=False,
+                )
+            self.expert_bias = None
+            if self.use_expert_bias:
+                self.expert_bias = self.add_weight(
+                    name="expert_bias",
+                    shape=expert_bias_shape,
+                    initializer=self.expert_bias_initializer,
+                    regularizer=self.expert_bias_regularizer,
+                    constraint=self.expert_bias_constraint,
+                )
+            self._gating_bias = None
+            if gating_bias_shape is not None and self.use_gating_bias:
+                self._gating_bias = self.add_weight(
+                    name="gating_bias",
+                    shape=gating_bias_shape,
+                    initializer=self.gating_bias_initializer,
+                    regularizer=self.gating_bias_regularizer,
+                    constraint=self.gating_bias_constraint,
+                    autocast=False,
+                )
 
     @property
     def gating_kernel(self):

@@ -4,6 +4,7 @@ mixture runs its experts with."""
 import keras
 from keras import ops
 
+from keras_moe import distribution
 from keras_moe import saved_formats
 from keras_moe import utils
 from keras_moe.layers import expert_functions
@@ -211,9 +212,11 @@ class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
                 f"defined. Received: input_shape={tuple(input_shape)}"
             )
         shapes = self.weight_shapes(d)
-        for name, kind in WEIGHTS:
-            if name in shapes:
-                setattr(self, name, self._add_expert_weight(name, kind, shapes[name]))
+        with distribution.expert_weights(self):
+            for name, kind in WEIGHTS:
+                if name in shapes:
+                    weight = self._add_expert_weight(name, kind, shapes[name])
+                    setattr(self, name, weight)
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: d})
 
     def _add_expert_weight(self, name, kind, shape):

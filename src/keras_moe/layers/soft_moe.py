@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from keras_moe import distribution
 from keras_moe import saved_formats
 from keras_moe import utils
 from keras_moe.layers.feed_forward_experts import FeedForwardExperts
@@ -199,7 +200,9 @@ class SoftMoE(saved_formats.LegacyLoading, keras.layers.Layer):
         dispatch, combine = soft_slot_weights(logits, mask)
         # Under a `keras.distribution`, each device runs its experts on its
         # batch shard's slots (`(batch, expert, ...)` layout).
-        _, constrain = distribution_groups(inputs.shape[0])
+        _, constrain = distribution_groups(
+            inputs.shape[0], distribution.expert_axis()
+        )
         constrain = constrain or (lambda x: x)
         dtype = inputs.dtype
         slots = ops.einsum("bns,bnd->bsd", ops.cast(dispatch, dtype), inputs)

@@ -166,6 +166,7 @@ def sparse_mixture(
     layout="auto",
     dropless_capacity_factors=DROPLESS_CAPACITY_FACTORS,
     training=None,
+    expert_axis=None,
 ):
     """Runs each token through its chosen experts only and mixes the results.
 
@@ -196,6 +197,9 @@ def sparse_mixture(
         dropless_capacity_factors: The capacity tiers of `"tiers"`.
         training: Whether this is a training call (for `"auto"`; the
             outputs are the same).
+        expert_axis: Under a `keras.distribution`, the mesh axis the experts
+            are split over (`keras_moe.distribution.expert_axis()`), which
+            the capacity buffers are laid out on; None: none.
 
     Returns:
         `(outputs, group_sizes, dropped_fraction)`: `(n, m)` outputs, `(e,)`
@@ -218,6 +222,7 @@ def sparse_mixture(
         layout=layout,
         dropless_capacity_factors=dropless_capacity_factors,
         training=training,
+        expert_axis=expert_axis,
     )
     return plan.run(tokens, run_experts), group_sizes, plan.dropped_fraction
 
@@ -232,10 +237,11 @@ def plan_dispatch(
     layout="auto",
     dropless_capacity_factors=DROPLESS_CAPACITY_FACTORS,
     training=None,
+    expert_axis=None,
 ):
     """The plan of one dispatch (`sparse_mixture`'s arguments, without the
     bank): `(plan, group_sizes)`. `plan.run(tokens, run_experts)` runs it."""
-    groups, constrain = distribution_groups(experts.shape[0])
+    groups, constrain = distribution_groups(experts.shape[0], expert_axis)
     if groups > 1:
         # Each batch shard routes its own tokens (GShard's groups): group `g`'s
         # assignments to expert `e` go to the virtual expert `g * e_count + e`,

@@ -71,15 +71,13 @@ def expert_choice_gates(logits, capacity, mask=None):
     return weights, tokens, probs
 
 
-def _expert_axis_constrain():
-    """Lays an `(E, c, ...)` buffer out over the mesh's expert axis (and the
-    capacity over the batch axis where it divides), under a distribution
-    whose layout map is `expert_parallel_layout_map`'s; else None."""
-    distribution = keras.distribution.distribution()
-    layout_map = getattr(distribution, "_layout_map", None)
-    expert_axis = getattr(layout_map, "expert_axis", None)
+def _expert_axis_constrain(expert_axis):
+    """Lays an `(E, c, ...)` buffer out over the mesh axis `expert_axis` (and
+    the capacity over the batch axis where it divides), under the current
+    distribution; None without an expert axis."""
     if expert_axis is None:
         return None
+    distribution = keras.distribution.distribution()
     mesh = distribution.device_mesh
     batch_axis = getattr(distribution, "batch_dim_name", None)
     batch_size = 1
@@ -111,9 +109,12 @@ class ExpertChoiceLayout(Layout):
         tokens: `(E, c)` int32 token of each row.
         n_tokens: Python int (or scalar tensor), number of tokens `n`.
         mask: optional `(n,)` bool; rows of masked tokens count for nothing.
+        expert_axis: The mesh axis the experts are split over under a
+            `keras.distribution` (`keras_moe.distribution.expert_axis()`), or
+            None.
     """
 
-    def __init__(self, weights, tokens, n_tokens, mask=None):
+    def __init__(self, weights, tokens, n_tokens, mask=None, expert_axis=None):
         super().__init__(None)
         self.n_experts = tokens.shape[0]
         self.weights = weights
@@ -124,7 +125,7 @@ class ExpertChoiceLayout(Layout):
         if mask is not None:
             mask = ops.cast(ops.reshape(mask, (-1,)), "bool")
             self._kept = ops.take(mask, self._rows_token, axis=0)
-        self._constrain = _expert_axis_constrain() or (lambda x: x)
+        self._constrain = _expert_axis_constrain(expert_axis) or (lambda x: x)
 
     def gather(self, tokens):
         return self._constrain(super().gather(tokens))
@@ -151,7 +152,9 @@ class ExpertChoiceLayout(Layout):
         return ops.cast(summed, rows.dtype)
 
 
-def expert_choice_mixture(inputs, weights, tokens, expert_bank, mask=None):
+def expert_choice_mixture(
+    inputs, weights, tokens, expert_bank, mask=None, expert_axis=None
+):
     """Runs each expert on the tokens it took and sums them back: `(n, m)`.
 
     Args:
@@ -163,11 +166,13 @@ def expert_choice_mixture(inputs, weights, tokens, expert_bank, mask=None):
             for `sparse_mixture`.
         mask: optional `(n,)` bool; masked tokens are run by no expert and
             their output is zero.
+        expert_axis: The mesh axis the experts are split over, or None
+            (`ExpertChoiceLayout`).
     """
     n = inputs.shape[0]
     if n is None:
         n = ops.shape(inputs)[0]
-    layout = ExpertChoiceLayout(weights, tokens, n, mask)
+    layout = ExpertChoiceLayout(weights, tokens, n, mask, expert_axis)
     return layout.run(inputs, dispatch_runner(expert_bank))
 
 

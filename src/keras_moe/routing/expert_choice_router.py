@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_moe import distribution
 from keras_moe import utils
 from keras_moe.routing.base_router import BaseRouter
 from keras_moe.routing.expert_choice import expert_choice_capacity
@@ -163,7 +164,9 @@ class ExpertChoiceRouter(BaseRouter):
         `call` returned)."""
         if mask is not None:
             mask = ops.reshape(mask, (-1,))
-        return expert_choice_mixture(inputs, weights, indices, expert_bank, mask)
+        return expert_choice_mixture(
+            inputs, weights, indices, expert_bank, mask, distribution.expert_axis()
+        )
 
     def compute_mask(self, inputs, mask=None):
         # The outputs are per expert, not per token: no mask to carry on.

@@ -3,7 +3,7 @@
 import keras
 
 
-def distribution_groups(n_tokens):
+def distribution_groups(n_tokens, expert_axis=None):
     """`(groups, constrain)`: how `sparse_mixture` splits its tokens.
 
     Without a `keras.distribution` (or with a batch axis of one device, or a
@@ -11,8 +11,9 @@ def distribution_groups(n_tokens):
     token. Under a distribution with a batch axis of `g` devices: `g` groups,
     the tokens of each batch shard routed among themselves, and `constrain`
     lays a `(groups, experts, ...)` tensor out over the batch axis and, where
-    the distribution's layout map is `expert_parallel_layout_map`'s, its
-    expert axis, so each device runs its experts on its own group's rows.
+    `expert_axis` (the mesh axis the experts are split over, from
+    `keras_moe.distribution.expert_axis()`; None: none), so each device runs
+    its experts on its own group's rows.
     """
     distribution = keras.distribution.distribution()
     batch_axis = getattr(distribution, "batch_dim_name", None)
@@ -22,8 +23,6 @@ def distribution_groups(n_tokens):
     groups = mesh.shape[list(mesh.axis_names).index(batch_axis)]
     if groups <= 1 or n_tokens % groups:
         return 1, None
-    layout_map = getattr(distribution, "_layout_map", None)
-    expert_axis = getattr(layout_map, "expert_axis", None)
 
     def constrain(x):
         axes = (batch_axis, expert_axis) + (None,) * (len(x.shape) - 2)

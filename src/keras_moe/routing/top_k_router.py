@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_moe import distribution
 from keras_moe import utils
 from keras_moe.routing.balance import balanced_top_k_gates
 from keras_moe.routing.balance import update_balance_bias
@@ -282,6 +283,7 @@ class TopKRouter(BaseRouter):
             layout=self.layout if layout is None else layout,
             dropless_capacity_factors=dropless_capacity_factors,
             training=training,
+            expert_axis=distribution.expert_axis(),
         )
         if self.capacity_factor is not None:
             self.statistics.record(dropped_fraction=dropped, training=training)
