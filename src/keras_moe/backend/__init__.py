@@ -31,7 +31,8 @@ _FAST_PATHS = {
     for name in (
         "gather_rows",
         "grouped_matmul",
-        "grouped_matmul_usable",
+        "grouped_matmul_available",
+        "grouped_matmul_preferred",
         "soft_mixture",
     )
 }

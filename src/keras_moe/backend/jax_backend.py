@@ -36,7 +36,7 @@ def grouped_matmul(x, kernel, group_ends):
     counts; rows past `group_ends[-1]` are left undefined. JAX:
     `jax.lax.ragged_dot`, a grouped GEMM on GPU (no padding, no weight
     copies); on CPU XLA emulates it densely, over every group
-    (`grouped_matmul_usable` keeps it to GPUs).
+    (`grouped_matmul_preferred` keeps the automatic choice to GPUs).
     """
     import jax
     import jax.numpy as jnp
@@ -46,10 +46,11 @@ def grouped_matmul(x, kernel, group_ends):
     return jax.lax.ragged_dot(x, jnp.asarray(kernel, x.dtype), sizes)
 
 
-def grouped_matmul_usable():
-    """Whether `grouped_matmul` should run now: on a GPU, outside a
-    `keras.distribution` (whose sharded expert weights the capacity layout
-    keeps in place)."""
+def grouped_matmul_preferred():
+    """Whether the automatic dispatch takes `grouped_matmul`: on a GPU,
+    outside a `keras.distribution` (whose sharded expert weights the
+    capacity layout keeps in place). It runs everywhere when asked for
+    (`layout="grouped"`)."""
     import jax
     import keras
 

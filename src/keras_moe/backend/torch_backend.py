@@ -51,7 +51,7 @@ if _grouped_mm_available():
         y = _ContiguousGrad.apply(y)
         return y[:, :m] if pad_m else y
 
-    def grouped_matmul_usable():
+    def grouped_matmul_available():
         """Whether `grouped_matmul` can run now: not under `torch.compile`,
         whose CPU meta kernel of `torch._grouped_mm` accepts bfloat16 only."""
         import torch

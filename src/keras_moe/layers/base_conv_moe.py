@@ -79,6 +79,7 @@ class BaseConvMoE(BaseMoE):
         gating_bias_constraint=None,
         activity_regularizer=None,
         gating_input="flatten",
+        mixed_kernel=None,
         **kwargs,
     ):
         super().__init__(
@@ -130,11 +131,20 @@ class BaseConvMoE(BaseMoE):
                 f"Received: strides={self.strides}, dilation_rate={self.dilation_rate}"
             )
         self.input_spec = keras.layers.InputSpec(ndim=rank + 2)
-        # Whether linear experts under "pooled" gates take the mixed-kernel
-        # path (`mixed_kernel_outputs`): `None` (automatic) where it measured
-        # faster, from `MIXED_KERNEL_MIN_EXPERTS` experts per filter; tests
-        # and benchmarks force it with `True` or `False`.
-        self._mixed_kernel = None
+        self.mixed_kernel = None
+        if mixed_kernel is not None:
+            self.mixed_kernel = utils.check_bool("mixed_kernel", mixed_kernel)
+        if self.mixed_kernel and (
+            self.gating_input != "pooled"
+            or self.expert_activation is not keras.activations.linear
+        ):
+            raise ValueError(
+                "`mixed_kernel=True` mixes the experts' kernels, which needs "
+                "linear experts (`expert_activation=None`) under per-sample "
+                "gates (`gating_input='pooled'`). Received: mixed_kernel=True, "
+                f"gating_input={self.gating_input!r}, expert_activation="
+                f"{keras.activations.serialize(self.expert_activation)!r}"
+            )
 
     @property
     def _channel_axis(self):
@@ -313,7 +323,7 @@ class BaseConvMoE(BaseMoE):
         folded into the channels measured 23-109x slower than the general
         path on CPU (JAX). Needs static spatial sizes. Used by default from
         `MIXED_KERNEL_MIN_EXPERTS` experts per filter, where it measured
-        faster on every backend (see `_mixed_kernel`).
+        faster on every backend (`mixed_kernel`).
 
         Args:
             x: Channels-last input `(b, *spatial, in_channels)`.
@@ -361,7 +371,7 @@ class BaseConvMoE(BaseMoE):
         return outputs
 
     def _uses_mixed_kernel(self, inputs):
-        wanted = self._mixed_kernel
+        wanted = self.mixed_kernel
         if wanted is None:
             wanted = self.n_experts_per_filter >= MIXED_KERNEL_MIN_EXPERTS
         return (
@@ -436,5 +446,6 @@ class BaseConvMoE(BaseMoE):
             "data_format": self.data_format,
             "dilation_rate": self.dilation_rate,
             "gating_input": self.gating_input,
+            "mixed_kernel": self.mixed_kernel,
         }
         return {**super().get_config(), **config}

@@ -56,6 +56,14 @@ class Conv3DMoE(BaseConvMoE):
         activity_regularizer: Regularizer of the layer's output.
         gating_input: `"flatten"` (default), `"pooled"` or `"local"`: what
             the gates see (above).
+        mixed_kernel: `None` (automatic), `True` or `False`: whether linear
+            experts under `"pooled"` gates run as one mixed kernel per sample
+            (`mixed_kernel_outputs`, the same outputs at about `1 / k` of the
+            experts' FLOPs). Automatic takes it from
+            `MIXED_KERNEL_MIN_EXPERTS` experts per filter, where it measured
+            faster. It needs linear experts and `"pooled"` gating (`True`
+            without them is refused) and static spatial sizes (with dynamic
+            ones the general path runs).
         **kwargs: Base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -128,6 +136,7 @@ class Conv3DMoE(BaseConvMoE):
         gating_bias_constraint=None,
         activity_regularizer=None,
         gating_input="flatten",
+        mixed_kernel=None,
         **kwargs,
     ):
         super().__init__(
@@ -140,6 +149,7 @@ class Conv3DMoE(BaseConvMoE):
             data_format=data_format,
             dilation_rate=dilation_rate,
             gating_input=gating_input,
+            mixed_kernel=mixed_kernel,
             expert_activation=expert_activation,
             gating_activation=gating_activation,
             use_expert_bias=use_expert_bias,

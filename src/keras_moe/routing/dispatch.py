@@ -66,12 +66,17 @@ def _renamed_layout(layout, capacity_factor):
 
 
 def grouped_matmul():
-    """The backend's grouped matmul if it can run now, else None."""
+    """`(matmul, preferred)`: the backend's grouped matmul if it can run now
+    (else None), and whether `"auto"` should take it (JAX's emulates it
+    densely on a CPU: it runs there, but only when asked for)."""
     matmul = backend.fast_path("grouped_matmul")
-    usable = backend.fast_path("grouped_matmul_usable")
-    if matmul is None or (usable is not None and not usable()):
-        return None
-    return matmul
+    if matmul is None:
+        return None, False
+    available = backend.fast_path("grouped_matmul_available")
+    if available is not None and not available():
+        return None, False
+    preferred = backend.fast_path("grouped_matmul_preferred")
+    return matmul, preferred is None or preferred()
 
 
 def check_layout(layout, capacity_factor):
@@ -102,6 +107,7 @@ def choose_layout(
     n_experts=None,
     has_grouped_matmul=False,
     distributed=False,
+    prefers_grouped_matmul=None,
 ):
     """The layout a dispatch runs: one of `"capacity"`, `"tiers"`,
     `"blocks"`, `"grouped"`.
@@ -125,6 +131,8 @@ def choose_layout(
         n_experts: Python int.
         has_grouped_matmul: Whether the backend's grouped matmul can run.
         distributed: Whether a `keras.distribution` is set.
+        prefers_grouped_matmul: Whether `"auto"` takes the grouped matmul
+            (None: when it can run).
 
     Example:
 
@@ -146,7 +154,9 @@ def choose_layout(
         return layout
     if capacity_factor is not None:
         return "capacity"
-    if has_grouped_matmul:
+    if prefers_grouped_matmul is None:
+        prefers_grouped_matmul = has_grouped_matmul
+    if has_grouped_matmul and prefers_grouped_matmul:
         return "grouped"
     block = default_block_size(n_assignments, n_experts or 1)
     narrow = features is not None and features <= 2 * block
@@ -256,7 +266,7 @@ def plan_dispatch(
     if groups > 1:
         group_sizes = ops.sum(ops.reshape(group_sizes, (groups, n_experts)), axis=0)
     distributed = keras.distribution.distribution() is not None
-    matmul = grouped_matmul()
+    matmul, preferred = grouped_matmul()
     name = choose_layout(
         layout,
         capacity_factor=capacity_factor,
@@ -266,6 +276,7 @@ def plan_dispatch(
         n_experts=n_experts,
         has_grouped_matmul=matmul is not None,
         distributed=distributed,
+        prefers_grouped_matmul=preferred,
     )
     # Tokens per group: a scalar tensor for a dynamic batch (TensorFlow's
     # graph mode), which never has groups.
