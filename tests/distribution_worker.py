@@ -65,7 +65,9 @@ def build_model():
     h = keras.layers.Reshape((TOKENS, 4))(h)
     h = keras.layers.Dense(20, name="embed")(h)
     h = MoEFeedForward(24, 8, top_k=2, gated=True, name="ffn_experts")(h)
-    h = MoEFeedForward(16, 8, router="expert_choice", name="ffn_expert_choice")(h)
+    h = MoEFeedForward(
+        16, 8, routing="expert_choice", capacity_factor=1.0, name="ffn_expert_choice"
+    )(h)
     h = SoftMoE(16, 4, name="soft_moe")(h)
     h = DenseMoE(
         14, 8, top_k=2, capacity_factor=4.0, expert_activation="relu", name="top2"
@@ -249,7 +251,7 @@ def grouped_compute(model):
 
     layer = model.get_layer("ffn_experts")
     distribution = keras.distribution.distribution()
-    shape = (BATCH, TOKENS, layer.expert_up_kernel.shape[1])
+    shape = (BATCH, TOKENS, layer.experts.up_kernel.shape[1])
     x = np.random.default_rng(1).normal(size=shape).astype("float32")
     x = jax.device_put(x, distribution.get_data_layout(shape).backend_layout)
     trainable = [v.value for v in layer.trainable_variables]
@@ -262,7 +264,7 @@ def grouped_compute(model):
     flops = {}
     grouped = routing.distribution_groups
     try:
-        for name, plan in (("grouped", grouped), ("global", lambda n: (1, None))):
+        for name, plan in (("grouped", grouped), ("global", lambda n, axis=None: (1, None))):
             # The one place `sparse_mixture` asks for its groups.
             routing.dispatch.distribution_groups = plan
             compiled = jax.jit(jax.grad(loss)).lower(trainable).compile()

@@ -96,8 +96,8 @@ def test_expert_parallel_on_eight_simulated_devices(tmp_path):
     assert {r["path"] for r in rows} >= {
         "conv_experts/expert_kernel",
         "my_dense_experts/expert_kernel",
-        "ffn_expert_choice/expert_up_kernel",
-        "soft_moe/expert_down_kernel",
+        "ffn_expert_choice/experts/up_kernel",
+        "soft_moe/experts/down_kernel",
     }
     for r in rows:
         assert r["shard_shapes"][0][r["axis"]] * 4 == r["full"][r["axis"]]
@@ -245,8 +245,9 @@ def test_nested_layer_of_a_subclassed_model_is_sharded():
         model = Net()
         model(np.ones((2, 3, 5), "float32"))
     ffn = model.block.ffn
-    for name in ffn.expert_weight_axes():
-        assert tuple(getattr(ffn, name)._layout.axes) == ("expert",), name
+    assert ffn.experts.weights
+    for variable in ffn.experts.weights:
+        assert tuple(variable._layout.axes)[:1] == ("expert",), variable.path
     assert tuple(ffn.router.kernel._layout.axes) == (None, None)
 
 

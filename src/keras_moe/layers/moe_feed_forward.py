@@ -380,9 +380,9 @@ class MoEFeedForward(saved_formats.LegacyLoading, keras.layers.Layer):
         config = {
             "seed": self.seed,
             "router_jitter_noise": self.router_jitter_noise,
-            "experts": keras.saving.serialize_keras_object(self.experts),
-            "router": keras.saving.serialize_keras_object(self.router),
-            "shared_expert": keras.saving.serialize_keras_object(self.shared_expert),
+            "experts": _serialize_sublayer(self.experts),
+            "router": _serialize_sublayer(self.router),
+            "shared_expert": _serialize_sublayer(self.shared_expert),
             "format_version": saved_formats.FORMAT_VERSION,
         }
         return {**super().get_config(), **config}
@@ -401,3 +401,13 @@ class MoEFeedForward(saved_formats.LegacyLoading, keras.layers.Layer):
             layer = cls(**config)
         saved_formats.expect_format(layer, version)
         return layer
+
+
+def _serialize_sublayer(layer):
+    """A sublayer's config without its build config: the host builds it in
+    its own `build`, so that its variables' paths lie under the host's."""
+    if layer is None:
+        return None
+    config = keras.saving.serialize_keras_object(layer)
+    config.pop("build_config", None)
+    return config
