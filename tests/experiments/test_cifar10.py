@@ -241,7 +241,7 @@ def test_claims_keep_processes_apart(tmp_path):
         ("--batch-size", "0", "must be > 0"),
         ("--batch-size", "x", "must be an integer"),
         ("--learning-rate", "-1", "must be > 0"),
-        ("--decay", "nan", "must be >= 0"),
+        ("--decay", "nan", "must be finite"),
         ("--seed", "-3", "must be >= 0"),
     ],
 )

@@ -217,7 +217,9 @@ def compile_model(model, args):
     )
 
 
-def apply_quick(args):
+def prepare(args):
+    """Applies `--quick`'s settings, then checks what argparse cannot: all
+    before any data is loaded or model built."""
     if args.quick:
         args.epochs = min(args.epochs, 1)
         args.repeats = 1
@@ -242,7 +244,6 @@ PROTOCOL_SETTINGS += ("train_size", "test_size", "augmentation", "seed")
 def run(args):
     if args.merge:
         return merge(args)
-    apply_quick(args)
     models = list(dict.fromkeys(args.models))
     out = pathlib.Path(args.out)
     protocol = protocol_of(args)

@@ -85,10 +85,15 @@ def build_model(name, length=40, n_classes=10, channels=25):
     return keras.Sequential(layers, name=f"mnist1d_{name.replace('-', '_')}")
 
 
-def run(args):
+def prepare(args):
+    """Applies `--quick`'s settings, then checks what argparse cannot: all
+    before any data is made or model built."""
     if args.quick:
         args.epochs = min(args.epochs, 2)
         args.repeats = 1
+
+
+def run(args):
     models = list(dict.fromkeys(args.models))
     x_train, y_train, x_test, y_test = data_lib.load_mnist1d()
     out = common.output_dir(args.out)

@@ -101,6 +101,14 @@ def add_arguments(parser):
     )
 
 
+def prepare(args):
+    """Applies `--quick`'s settings, then checks what argparse cannot: all
+    before any data is loaded or model built."""
+    common.apply_quick(
+        args, epochs=1, train_size=64, test_size=32, batch_size=32, dim=16, depth=2
+    )
+
+
 def slots_per_expert(n_tokens, top_k, n_experts):
     """Soft MoE's slots per expert at the compute of top-k token choice:
     `top_k * n_tokens / n_experts`, rounded (at least 1)."""
@@ -278,9 +286,6 @@ def summarize(name, runs, args, n_tokens):
 
 
 def run(args):
-    common.apply_quick(
-        args, epochs=1, train_size=64, test_size=32, batch_size=32, dim=16, depth=2
-    )
     models = list(dict.fromkeys(args.models))
     out = common.output_dir(args.out)
     images = data_lib.load_cifar10(

@@ -98,6 +98,24 @@ def load_stdlib_bytes():
     return train, val, info
 
 
+def prepare(args):
+    """Applies `--quick`'s settings, then checks what argparse cannot: all
+    before any data is read or model built."""
+    common.apply_quick(
+        args, dense_steps=4, continue_steps=4, eval_every=2, eval_windows=8
+    )
+    if args.top_k > args.experts:
+        raise common.ExperimentError(
+            f"--top-k must be at most --experts. Received: --top-k {args.top_k}, "
+            f"--experts {args.experts}"
+        )
+    if args.hidden_dim % 4:
+        raise common.ExperimentError(
+            "--hidden-dim must be a multiple of the 4 attention heads. Received: "
+            f"--hidden-dim {args.hidden_dim}"
+        )
+
+
 def windows(data, starts, length):
     """`(x, y)`: the model's inputs and next-byte labels of each window."""
     index = np.asarray(starts)[:, None] + np.arange(length + 1)[None, :]
@@ -231,19 +249,6 @@ def run_repeat(args, train_data, val, repeat):
 
 
 def run(args):
-    common.apply_quick(
-        args, dense_steps=4, continue_steps=4, eval_every=2, eval_windows=8
-    )
-    if args.top_k > args.experts:
-        raise common.ExperimentError(
-            f"--top-k must be at most --experts. Received: --top-k {args.top_k}, "
-            f"--experts {args.experts}"
-        )
-    if args.hidden_dim % 4:
-        raise common.ExperimentError(
-            "--hidden-dim must be a multiple of the 4 attention heads. Received: "
-            f"--hidden-dim {args.hidden_dim}"
-        )
     train_data, val_data, data_info = load_stdlib_bytes()
     starts = np.linspace(
         0, val_data.size - args.sequence_length - 2, args.eval_windows
