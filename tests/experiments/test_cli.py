@@ -124,6 +124,29 @@ BAD_COMMAND_LINES = [
     ("cifar10 --models cnn nope", r"argument --models: invalid choice: 'nope'"),
     ("cifar10 --bogus", r"unrecognized arguments: --bogus"),
     # routing
+    (
+        "routing --top-k 3 --n-experts 2",
+        r"argument --top-k: must be at most --n-experts\. "
+        r"Received: --top-k 3, --n-experts 2$",
+    ),
+    (
+        "routing --dim 2",
+        r"argument --dim: must be a multiple of 4 \(the width of 4 attention "
+        r"heads\)\. Received: --dim 2$",
+    ),
+    ("routing --dim 6", r"argument --dim: must be a multiple of 4 .*--dim 6$"),
+    ("routing --quick --dim 6", r"argument --dim: must be a multiple of 4"),
+    (
+        "routing --depth 1",
+        r"argument --depth: must be at least 2 \(the odd blocks hold the "
+        r"mixtures\)\. Received: --depth 1$",
+    ),
+    ("routing --data {tmp}/nowhere", r"argument --data: must be an existing folder"),
+    (
+        "routing --seed 4294967294",
+        r"argument --seed: .*\(run r is seeded with --seed \+ r; here --seed "
+        r"4294967293 at most\)\. Received: --seed 4294967294, --repeats 3$",
+    ),
     ("routing --balance-bias-rate 0", r"argument --balance-bias-rate: must be > 0"),
     (
         "routing --load-balance-weight -1",
