@@ -154,8 +154,31 @@ BAD_COMMAND_LINES = [
     ),
     ("routing --models soft", r"argument --models: invalid choice: 'soft'"),
     # upcycling
+    (
+        "upcycling --top-k 3 --experts 2",
+        r"argument --top-k: must be at most --experts\. "
+        r"Received: --top-k 3, --experts 2$",
+    ),
+    (
+        "upcycling --hidden-dim 4",
+        r"argument --hidden-dim: must be a multiple of 8 \(4 attention heads of "
+        r"an even size for the rotary embedding\)\. Received: --hidden-dim 4$",
+    ),
+    ("upcycling --hidden-dim 12", r"argument --hidden-dim: must be a multiple of 8"),
+    (
+        "upcycling --sequence-length 1000000",
+        r"argument --sequence-length: must be at most \d+ \(a window and its "
+        r"next byte must fit the standard library's validation bytes\)\. "
+        r"Received: --sequence-length 1000000$",
+    ),
+    ("upcycling --sequence-length 100000000", r"argument --sequence-length: must"),
     ("upcycling --expert-noise -0.1", r"argument --expert-noise: must be >= 0"),
     ("upcycling --eval-every 0", r"argument --eval-every: must be > 0"),
+    (
+        "upcycling --seed 4294967296",
+        r"argument --seed: .*here --seed 4294967295 at most\)\. "
+        r"Received: --seed 4294967296, --repeats 1$",
+    ),
     # jacobian
     ("jacobian --experts 2 0", r"argument --experts: must be > 0\. Received: '0'"),
     ("jacobian --experts", r"argument --experts: expected at least one argument"),
