@@ -123,6 +123,34 @@ BAD_COMMAND_LINES = [
     ("cifar10 --verbose 3", r"argument --verbose: invalid choice: 3"),
     ("cifar10 --models cnn nope", r"argument --models: invalid choice: 'nope'"),
     ("cifar10 --bogus", r"unrecognized arguments: --bogus"),
+    (
+        "cifar10 --data {tmp}/nowhere",
+        r"argument --data: must be an existing folder or tar archive\. "
+        r"Received: --data \S+/nowhere$",
+    ),
+    ("cifar10 --data ''", r"argument --data: must be an existing .* --data ''$"),
+    (
+        "cifar10 --seed 4294968",
+        r"argument --seed: must be such that every seed is at most 2\*\*32 - 1 "
+        r"\(epoch e of run r is seeded with \(--seed \+ r\) \* 1000 \+ e; here "
+        r"--seed 4294967 at most\)\. Received: --seed 4294968, --repeats 1, "
+        r"--epochs 16$",
+    ),
+    (
+        "cifar10 --epochs 5000000000",
+        r"argument --seed: .*no --seed is, with these settings\)\. Received: "
+        r"--seed 0, --repeats 1, --epochs 5000000000$",
+    ),
+    (
+        "cifar10 --merge {cifar10_out} {tmp}/nowhere",
+        r"argument --merge: must be output folders of `keras-moe cifar10` "
+        r"\(with data\.json and runs/\), which '\S+/nowhere' is not\. "
+        r"Received: --merge \S+/cifar10_out \S+/nowhere$",
+    ),
+    (
+        "cifar10 --merge {cifar10_out} --resume",
+        r"argument --merge: must be given without --resume \(it trains nothing\)",
+    ),
     # routing
     (
         "routing --top-k 3 --n-experts 2",
@@ -183,9 +211,18 @@ BAD_COMMAND_LINES = [
     ("jacobian --experts 2 0", r"argument --experts: must be > 0\. Received: '0'"),
     ("jacobian --experts", r"argument --experts: expected at least one argument"),
     ("jacobian --dim 1.5", r"argument --dim: must be an integer\. Received: '1\.5'"),
+    (
+        "jacobian --seed 4294967296",
+        r"argument --seed: .*\(the one seed of the run; here --seed 4294967295 "
+        r"at most\)\. Received: --seed 4294967296$",
+    ),
     # mnist1d
     ("mnist1d --epochs -1", r"argument --epochs: must be > 0\. Received: '-1'"),
     ("mnist1d --models cnn moe-soft", r"argument --models: invalid choice"),
+    (
+        "mnist1d --seed 4294967295 --repeats 2",
+        r"argument --seed: .*here --seed 4294967294 at most\)",
+    ),
     # the output folder, of every command
     *[
         (

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from keras_moe import backend
+from keras_moe.experiments import checks
 from keras_moe.experiments import common
 from keras_moe.layers import DenseMoE
 
@@ -83,6 +84,7 @@ def prepare(args):
     if args.quick:
         args.samples = min(args.samples, 16)
         args.experts = args.experts[:2]
+    checks.seeds(args, lambda seed: seed, others=(), rule="the one seed of the run")
 
 
 def run(args):

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 from keras_moe import Conv1DMoE
+from keras_moe.experiments import checks
 from keras_moe.experiments import common
 from keras_moe.experiments import data as data_lib
 
@@ -91,6 +92,7 @@ def prepare(args):
     if args.quick:
         args.epochs = min(args.epochs, 2)
         args.repeats = 1
+    checks.seeds(args, lambda seed: seed + args.repeats - 1)
 
 
 def run(args):
