@@ -68,8 +68,11 @@ class MoEFeedForward(BaseFeedForwardExperts):
             `E * sum_i f_i * P_i` (1.0 at perfect balance), added in training.
         router_z_loss_weight: Weight of the router z-loss
             `mean(logsumexp(z)^2)`, added in training.
-        kernel_initializer: Initializer of the expert kernels.
-        bias_initializer: Initializer of the expert biases.
+        kernel_initializer: Initializer of the expert kernels (and the
+            shared expert's); each kernel draws its own values, also from a
+            seeded initializer (`keras_moe.utils.initializer_for`).
+        bias_initializer: Initializer of the expert biases, each drawing its
+            own values.
         router_initializer: Initializer of the router kernel.
         kernel_regularizer: Regularizer of the expert kernels.
         bias_regularizer: Regularizer of the expert biases.
@@ -377,8 +380,13 @@ class MoEFeedForward(BaseFeedForwardExperts):
                 activation_dtype=self.activation_dtype,
                 swiglu_limit=self.swiglu_limit,
                 swiglu_alpha=self.swiglu_alpha,
-                kernel_initializer=self.kernel_initializer,
-                bias_initializer=self.bias_initializer,
+                # Drawn apart from the experts' weights.
+                kernel_initializer=utils.initializer_for(
+                    self.kernel_initializer, "shared_expert"
+                ),
+                bias_initializer=utils.initializer_for(
+                    self.bias_initializer, "shared_expert"
+                ),
                 kernel_regularizer=self.kernel_regularizer,
                 bias_regularizer=self.bias_regularizer,
                 kernel_constraint=self.kernel_constraint,

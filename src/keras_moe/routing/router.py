@@ -221,7 +221,7 @@ class TopKRouter(keras.layers.Layer):
         self.kernel = self.add_weight(
             name="kernel",
             shape=(input_dim, self.n_experts),
-            initializer=self.kernel_initializer,
+            initializer=utils.initializer_for(self.kernel_initializer, "kernel"),
             regularizer=self.kernel_regularizer,
             constraint=self.kernel_constraint,
             autocast=False,
@@ -231,7 +231,7 @@ class TopKRouter(keras.layers.Layer):
             self.bias = self.add_weight(
                 name="bias",
                 shape=(self.n_experts,),
-                initializer=self.bias_initializer,
+                initializer=utils.initializer_for(self.bias_initializer, "bias"),
                 regularizer=self.bias_regularizer,
                 constraint=self.bias_constraint,
                 autocast=False,
