@@ -39,9 +39,10 @@ class TopKRouter(keras.layers.Layer):
     `dispatch` runs the experts on their tokens (`routing.sparse_mixture`)
     with the router's `capacity_factor`. A custom layer uses it the same way.
 
-    Routing statistics live in two non-trainable float32 variables updated
-    at every call (so they work under `jit_compile` and in JAX's stateless
-    training step): `routing_stats_last`, the last call's
+    Routing statistics live in two non-trainable variables, float32 under
+    every dtype policy (as is `balance_bias`), updated at every call (so
+    they work under `jit_compile` and in JAX's stateless training step):
+    `routing_stats_last`, the last call's
     `(expert loads..., dropped fraction, entropy)`, and `routing_stats_sum`,
     their running sums over the training calls since `reset_routing_stats`
     plus the number of calls.
@@ -250,6 +251,7 @@ class TopKRouter(keras.layers.Layer):
             shape=(self.n_experts + 2,),
             initializer="zeros",
             trainable=False,
+            dtype="float32",
             autocast=False,
         )
         self.routing_stats_sum = self.add_weight(
@@ -257,6 +259,7 @@ class TopKRouter(keras.layers.Layer):
             shape=(self.n_experts + 3,),
             initializer="zeros",
             trainable=False,
+            dtype="float32",
             autocast=False,
         )
         # Created last: the variables before it keep their saved positions.
@@ -267,6 +270,7 @@ class TopKRouter(keras.layers.Layer):
                 shape=(self.n_experts,),
                 initializer="zeros",
                 trainable=False,
+                dtype="float32",
                 autocast=False,
             )
         self.input_spec = keras.layers.InputSpec(ndim=2, axes={-1: input_dim})

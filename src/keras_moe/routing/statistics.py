@@ -19,6 +19,7 @@ def add_routing_stats_weights(layer, n_experts):
         shape=(n_experts + 2,),
         initializer="zeros",
         trainable=False,
+        dtype="float32",
         autocast=False,
     )
     layer.routing_stats_sum = layer.add_weight(
@@ -26,6 +27,7 @@ def add_routing_stats_weights(layer, n_experts):
         shape=(n_experts + 3,),
         initializer="zeros",
         trainable=False,
+        dtype="float32",
         autocast=False,
     )
 
