@@ -122,9 +122,10 @@ class MoEFeedForward(BaseFeedForwardExperts):
             `top_k` experts, `routing.TopKRouter`) or `"expert_choice"`
             (Zhou et al. 2022, `routing.ExpertChoiceRouter`): each expert
             takes the `ceil(capacity_factor * top_k * n / E)` tokens of
-            highest softmax score among all `n` tokens of the call
+            highest softmax score among all `n` unmasked tokens of the call
             (`capacity_factor=None` is 1.0, `top_k` the average experts per
-            token) and a token none took gets zero. Balanced by
+            token; padding changes no real token's output) and a token none
+            took gets zero. Balanced by
             construction: `load_balance_weight`, `normalize_top_k` and
             `softmax_before_top_k` do not apply. Not causal (a token's
             routing depends on later tokens): not for autoregressive
