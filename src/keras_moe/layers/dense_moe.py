@@ -271,6 +271,8 @@ class DenseMoE(BaseMoE):
                 dtype=self.dtype_policy,
                 name="router",
             )
+            # Created frozen in a frozen layer: its state does not move.
+            self.router.trainable = self.trainable
             self.router.build((None, input_dim))
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_dim})
 

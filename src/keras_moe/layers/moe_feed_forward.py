@@ -364,6 +364,7 @@ class MoEFeedForward(BaseFeedForwardExperts):
                 dtype=self.dtype_policy,
                 name="router",
             )
+        self.router.trainable = self.trainable  # a frozen layer's state stays
         self.router.build((None, d))
         self.build_experts(d)
         self.router_input_scale = None

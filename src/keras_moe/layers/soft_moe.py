@@ -42,7 +42,8 @@ class SoftMoE(keras.layers.Layer):
     slots), `dropped_fraction` 0, and as `router_entropy` the mean entropy
     (nats) of each token's shares over the experts. They live in two
     non-trainable float32 variables, `routing_stats_last` and
-    `routing_stats_sum`, as in the sparse layers' routers.
+    `routing_stats_sum`, as in the sparse layers' routers; the running sums
+    do not move in a frozen layer (`trainable=False`).
 
     Args:
         intermediate_dim: Positive integer, hidden size `m` of each expert.

@@ -264,7 +264,8 @@ class ExpertChoiceRouter(keras.layers.Layer):
     Statistics, in two non-trainable float32 variables updated at every call
     (as `TopKRouter`'s): `routing_stats_last`, the last call's
     `(expert loads..., dropped fraction, entropy)`, and `routing_stats_sum`,
-    their running sums over the training calls plus the number of calls.
+    their running sums over the training calls plus the number of calls
+    (not in a frozen router, `trainable=False`: its state does not move).
 
     Args:
         n_experts: Positive integer, number of experts `E`.

@@ -45,7 +45,10 @@ class TopKRouter(keras.layers.Layer):
     `routing_stats_last`, the last call's
     `(expert loads..., dropped fraction, entropy)`, and `routing_stats_sum`,
     their running sums over the training calls since `reset_routing_stats`
-    plus the number of calls.
+    plus the number of calls. A frozen router (`trainable=False`, or its
+    host layer frozen) keeps its state as `BatchNormalization` does: neither
+    the running sums nor `balance_bias` move, even in training calls; only
+    `routing_stats_last` reports each call.
 
     Args:
         n_experts: Positive integer, number of experts `E`.
@@ -86,7 +89,8 @@ class TopKRouter(keras.layers.Layer):
             balancing (DeepSeek-V3, `routing.balance`): a non-trainable
             per-expert `balance_bias` `(E,)` is added to the logits for
             choosing the experts only (the weights come from the unbiased
-            logits), and in every training call each expert's bias moves by
+            logits), and in every training call (of a trainable router) each
+            expert's bias moves by
             `balance_bias_rate * sign(mean load - its load)`, outside the
             optimizer. Saved with the model; `routing_stats` reports it.
         **kwargs: Base layer arguments (`name`, `dtype`, ...).
@@ -306,7 +310,9 @@ class TopKRouter(keras.layers.Layer):
                 logits, self.balance_bias.value, self.top_k, self.normalize_top_k
             )
         counts = expert_counts(experts, self.n_experts, mask)
-        if training and self.balance_bias is not None:
+        # A frozen router's state does not move (as `BatchNormalization`'s).
+        moves = training and self.trainable
+        if moves and self.balance_bias is not None:
             update_balance_bias(self.balance_bias, counts, self.balance_bias_rate)
         if training:
             if self.load_balance_weight:
@@ -316,7 +322,7 @@ class TopKRouter(keras.layers.Layer):
                 self.add_loss(self.router_z_loss_weight * router_z_loss(logits, mask))
         stats = routing_statistics(counts, ops.zeros((), "float32"), logits, mask)
         self.routing_stats_last.assign(stats)
-        if training:
+        if moves:
             ones = ops.ones((1,), "float32")
             self.routing_stats_sum.assign_add(ops.concatenate([stats, ones]))
         return weights, experts
@@ -360,7 +366,7 @@ class TopKRouter(keras.layers.Layer):
             dropped = ops.stop_gradient(ops.cast(dropped, "float32"))
             last = self.routing_stats_last.value
             self.routing_stats_last.assign(last * (1.0 - at) + at * dropped)
-            if training:
+            if training and self.trainable:
                 at = ops.concatenate([at, ops.zeros((1,), "float32")])
                 self.routing_stats_sum.assign_add(at * dropped)
         return outputs
