@@ -142,9 +142,9 @@ class MoEFeedForward(BaseFeedForwardExperts):
             routed (their output is zero, the shared expert's included) and
             count in no loss or statistic.
         training: Python bool: losses, noise and jitter only when `True`.
-        router_inputs: Optional tensor of the shape of `inputs` that the
-            router sees instead of them (Gemma 4 routes the hidden states
-            and runs the experts on their normalisation).
+        router_inputs: Optional tensor of the shape of `inputs` (another
+            shape is a `ValueError`) that the router sees instead of them
+            (Gemma 4 routes the hidden states, the experts their norm).
 
     Input shape:
         N-D tensor `(batch_size, ..., d)`, N >= 2.
@@ -406,8 +406,8 @@ class MoEFeedForward(BaseFeedForwardExperts):
         tokens = ops.reshape(inputs, (-1, d))
         router_tokens = tokens
         if router_inputs is not None:
-            router_tokens = ops.reshape(
-                ops.cast(router_inputs, self.compute_dtype), (-1, d)
+            router_tokens = expert_functions.router_tokens(
+                router_inputs, inputs, self.compute_dtype
             )
         if mask is not None:
             mask = ops.reshape(ops.broadcast_to(mask, ops.shape(inputs)[:-1]), (-1,))
