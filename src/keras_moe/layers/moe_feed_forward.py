@@ -60,8 +60,8 @@ class MoEFeedForward(BaseFeedForwardExperts):
             softmax's values at the chosen experts.
         capacity_factor: `None` (dropless, the default: no token is ever
             dropped) or a positive float: each expert takes at most
-            `ceil(capacity_factor * tokens * top_k / n_experts)` assignments,
-            the others are dropped (zero contribution).
+            `ceil(capacity_factor * tokens * top_k / n_experts)` assignments
+            (`<= tokens`), the others are dropped (zero contribution).
         noisy_gating: Noisy top-k gating (Shazeer et al. 2017) in training:
             Gaussian noise of learned scale `softplus(x . W_noise)`.
         load_balance_weight: Weight of the load-balancing loss

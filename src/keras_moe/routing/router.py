@@ -59,7 +59,7 @@ class TopKRouter(keras.layers.Layer):
         capacity_factor: `None` (dropless: no token is ever dropped) or a
             positive float: each expert takes at most
             `ceil(capacity_factor * tokens * top_k / n_experts)` assignments
-            in `dispatch`, the others are dropped (zero contribution).
+            (`<= tokens`) in `dispatch`, the others are dropped.
         noisy_gating: Whether to add learned-scale Gaussian noise to the
             logits in training (Shazeer et al. 2017).
         load_balance_weight: Non-negative weight of the load-balancing loss.
