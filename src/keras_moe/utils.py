@@ -5,6 +5,7 @@ backticks, says what was expected and ends with what was received, so a user
 sees at once which argument of which call is wrong.
 """
 
+import hashlib
 import math
 import numbers
 import re
@@ -124,6 +125,32 @@ def get_initializer(name, value):
             f"`{name}` must be a Keras initializer (name, config or instance). "
             f"Received: {name}={value!r}"
         ) from e
+
+
+def initializer_for(initializer, key):
+    """`initializer` drawing values of its own for the weight `key`.
+
+    A Keras random initializer keeps one seed (drawn at its construction
+    when it is unseeded), so that one instance used for several weights
+    gives each the same values (the same random stream, reshaped). A layer
+    that creates several weights from one initializer takes each weight's
+    initializer from here: a copy whose seed is derived from the
+    initializer's seed and `key`, the weight's name in the layer
+    (`"sublayer/name"` for a sublayer's), so that every weight draws its own
+    values and a seeded initializer gives the same weights at every build.
+    An initializer without a seed (`"zeros"`, a constant) or seeded with a
+    `keras.random.SeedGenerator` (new values at every call) is returned as
+    it is.
+    """
+    seed = getattr(initializer, "seed", None)
+    if not _is_int(seed):
+        return initializer
+    config = initializer.get_config()
+    if "seed" not in config:
+        return initializer
+    digest = hashlib.sha256(f"{int(seed)}/{key}".encode()).digest()
+    config["seed"] = int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+    return type(initializer).from_config(config)
 
 
 def get_regularizer(name, value):

@@ -143,7 +143,7 @@ class BaseFeedForwardExperts(keras.layers.Layer):
         return self.add_weight(
             name=name,
             shape=shape,
-            initializer=self.kernel_initializer,
+            initializer=utils.initializer_for(self.kernel_initializer, name),
             regularizer=self.kernel_regularizer,
             constraint=self.kernel_constraint,
         )
@@ -152,7 +152,7 @@ class BaseFeedForwardExperts(keras.layers.Layer):
         return self.add_weight(
             name=name,
             shape=shape,
-            initializer=self.bias_initializer,
+            initializer=utils.initializer_for(self.bias_initializer, name),
             regularizer=self.bias_regularizer,
             constraint=self.bias_constraint,
         )

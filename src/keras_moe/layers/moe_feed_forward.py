@@ -60,16 +60,19 @@ class MoEFeedForward(BaseFeedForwardExperts):
             softmax's values at the chosen experts.
         capacity_factor: `None` (dropless, the default: no token is ever
             dropped) or a positive float: each expert takes at most
-            `ceil(capacity_factor * tokens * top_k / n_experts)` assignments,
-            the others are dropped (zero contribution).
+            `ceil(capacity_factor * tokens * top_k / n_experts)` assignments
+            (`<= tokens`), the others are dropped (zero contribution).
         noisy_gating: Noisy top-k gating (Shazeer et al. 2017) in training:
             Gaussian noise of learned scale `softplus(x . W_noise)`.
         load_balance_weight: Weight of the load-balancing loss
             `E * sum_i f_i * P_i` (1.0 at perfect balance), added in training.
         router_z_loss_weight: Weight of the router z-loss
             `mean(logsumexp(z)^2)`, added in training.
-        kernel_initializer: Initializer of the expert kernels.
-        bias_initializer: Initializer of the expert biases.
+        kernel_initializer: Initializer of the expert kernels (and the
+            shared expert's); each kernel draws its own values, also from a
+            seeded initializer (`keras_moe.utils.initializer_for`).
+        bias_initializer: Initializer of the expert biases, each drawing its
+            own values.
         router_initializer: Initializer of the router kernel.
         kernel_regularizer: Regularizer of the expert kernels.
         bias_regularizer: Regularizer of the expert biases.
@@ -119,9 +122,10 @@ class MoEFeedForward(BaseFeedForwardExperts):
             `top_k` experts, `routing.TopKRouter`) or `"expert_choice"`
             (Zhou et al. 2022, `routing.ExpertChoiceRouter`): each expert
             takes the `ceil(capacity_factor * top_k * n / E)` tokens of
-            highest softmax score among all `n` tokens of the call
+            highest softmax score among all `n` unmasked tokens of the call
             (`capacity_factor=None` is 1.0, `top_k` the average experts per
-            token) and a token none took gets zero. Balanced by
+            token; padding changes no real token's output) and a token none
+            took gets zero. Balanced by
             construction: `load_balance_weight`, `normalize_top_k` and
             `softmax_before_top_k` do not apply. Not causal (a token's
             routing depends on later tokens): not for autoregressive
@@ -138,9 +142,9 @@ class MoEFeedForward(BaseFeedForwardExperts):
             routed (their output is zero, the shared expert's included) and
             count in no loss or statistic.
         training: Python bool: losses, noise and jitter only when `True`.
-        router_inputs: Optional tensor of the shape of `inputs` that the
-            router sees instead of them (Gemma 4 routes the hidden states
-            and runs the experts on their normalisation).
+        router_inputs: Optional tensor of the shape of `inputs` (another
+            shape is a `ValueError`) that the router sees instead of them
+            (Gemma 4 routes the hidden states, the experts their norm).
 
     Input shape:
         N-D tensor `(batch_size, ..., d)`, N >= 2.
@@ -360,6 +364,7 @@ class MoEFeedForward(BaseFeedForwardExperts):
                 dtype=self.dtype_policy,
                 name="router",
             )
+        self.router.trainable = self.trainable  # a frozen layer's state stays
         self.router.build((None, d))
         self.build_experts(d)
         self.router_input_scale = None
@@ -377,8 +382,13 @@ class MoEFeedForward(BaseFeedForwardExperts):
                 activation_dtype=self.activation_dtype,
                 swiglu_limit=self.swiglu_limit,
                 swiglu_alpha=self.swiglu_alpha,
-                kernel_initializer=self.kernel_initializer,
-                bias_initializer=self.bias_initializer,
+                # Drawn apart from the experts' weights.
+                kernel_initializer=utils.initializer_for(
+                    self.kernel_initializer, "shared_expert"
+                ),
+                bias_initializer=utils.initializer_for(
+                    self.bias_initializer, "shared_expert"
+                ),
                 kernel_regularizer=self.kernel_regularizer,
                 bias_regularizer=self.bias_regularizer,
                 kernel_constraint=self.kernel_constraint,
@@ -396,8 +406,8 @@ class MoEFeedForward(BaseFeedForwardExperts):
         tokens = ops.reshape(inputs, (-1, d))
         router_tokens = tokens
         if router_inputs is not None:
-            router_tokens = ops.reshape(
-                ops.cast(router_inputs, self.compute_dtype), (-1, d)
+            router_tokens = expert_functions.router_tokens(
+                router_inputs, inputs, self.compute_dtype
             )
         if mask is not None:
             mask = ops.reshape(ops.broadcast_to(mask, ops.shape(inputs)[:-1]), (-1,))

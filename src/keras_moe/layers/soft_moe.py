@@ -42,7 +42,8 @@ class SoftMoE(keras.layers.Layer):
     slots), `dropped_fraction` 0, and as `router_entropy` the mean entropy
     (nats) of each token's shares over the experts. They live in two
     non-trainable float32 variables, `routing_stats_last` and
-    `routing_stats_sum`, as in the sparse layers' routers.
+    `routing_stats_sum`, as in the sparse layers' routers; the running sums
+    do not move in a frozen layer (`trainable=False`).
 
     Args:
         intermediate_dim: Positive integer, hidden size `m` of each expert.
@@ -55,8 +56,11 @@ class SoftMoE(keras.layers.Layer):
         normalize: Whether the logits are those of the l2-normalised tokens
             and slot parameters times a learned scale (the paper's choice);
             `False` is `L = X . Phi` exactly.
-        kernel_initializer: Initializer of the expert kernels.
-        bias_initializer: Initializer of the expert biases.
+        kernel_initializer: Initializer of the expert kernels; each kernel
+            draws its own values, also from a seeded initializer
+            (`keras_moe.utils.initializer_for`).
+        bias_initializer: Initializer of the expert biases, each drawing its
+            own values.
         router_initializer: Initializer of the router kernel `Phi`.
         kernel_regularizer: Regularizer of the expert kernels.
         bias_regularizer: Regularizer of the expert biases.
@@ -162,7 +166,7 @@ class SoftMoE(keras.layers.Layer):
         self.router_kernel = self.add_weight(
             name="router_kernel",
             shape=(d, e * self.slots_per_expert),
-            initializer=self.router_initializer,
+            initializer=utils.initializer_for(self.router_initializer, "router_kernel"),
             autocast=False,
         )
         self.router_scale = None
@@ -173,7 +177,9 @@ class SoftMoE(keras.layers.Layer):
         self.expert_up_kernel = self.add_weight(
             name="expert_up_kernel",
             shape=(e, d, m),
-            initializer=self.kernel_initializer,
+            initializer=utils.initializer_for(
+                self.kernel_initializer, "expert_up_kernel"
+            ),
             regularizer=self.kernel_regularizer,
             constraint=self.kernel_constraint,
         )
@@ -182,14 +188,18 @@ class SoftMoE(keras.layers.Layer):
             self.expert_gate_kernel = self.add_weight(
                 name="expert_gate_kernel",
                 shape=(e, d, m),
-                initializer=self.kernel_initializer,
+                initializer=utils.initializer_for(
+                    self.kernel_initializer, "expert_gate_kernel"
+                ),
                 regularizer=self.kernel_regularizer,
                 constraint=self.kernel_constraint,
             )
         self.expert_down_kernel = self.add_weight(
             name="expert_down_kernel",
             shape=(e, m, d),
-            initializer=self.kernel_initializer,
+            initializer=utils.initializer_for(
+                self.kernel_initializer, "expert_down_kernel"
+            ),
             regularizer=self.kernel_regularizer,
             constraint=self.kernel_constraint,
         )
@@ -199,14 +209,18 @@ class SoftMoE(keras.layers.Layer):
             self.expert_up_bias = self.add_weight(
                 name="expert_up_bias",
                 shape=(e, m),
-                initializer=self.bias_initializer,
+                initializer=utils.initializer_for(
+                    self.bias_initializer, "expert_up_bias"
+                ),
                 regularizer=self.bias_regularizer,
                 constraint=self.bias_constraint,
             )
             self.expert_down_bias = self.add_weight(
                 name="expert_down_bias",
                 shape=(e, d),
-                initializer=self.bias_initializer,
+                initializer=utils.initializer_for(
+                    self.bias_initializer, "expert_down_bias"
+                ),
                 regularizer=self.bias_regularizer,
                 constraint=self.bias_constraint,
             )

@@ -58,8 +58,8 @@ def sparse_mixture(
             rows `x`, using `layout.matmul(x, kernel)` for `(e, d, m)`
             kernels and `layout.add_bias(x, bias)` for `(e, m)` biases.
         capacity_factor: `None` (dropless) or a positive float: each expert
-            takes `ceil(capacity_factor * n * k / e)` assignments, the rest
-            are dropped (they contribute zero). Under a `keras.distribution`
+            takes `ceil(capacity_factor * n * k / e)` assignments (at most
+            `n`: `expert_capacity`), the rest are dropped (zero). Under a `keras.distribution`
             with a batch axis, `n` is the tokens of one batch shard: each
             shard routes its own tokens (`distribution_groups`).
         mask: optional `(n,)` bool; masked tokens are not dispatched, their

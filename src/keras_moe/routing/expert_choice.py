@@ -3,7 +3,11 @@
 `S = softmax(x . W_r)` over the experts, in float32. Expert `e` takes the
 `c = ceil(capacity_factor * top_k * n / E)` tokens (at most `n`) of largest
 `S[:, e]`, and `y_t = sum over the experts e that took t of
-S[t, e] * expert_e(x_t)`; a token no expert took gets zero. `top_k` is the
+S[t, e] * expert_e(x_t)`; a token no expert took gets zero. With a mask, `n`
+counts the unmasked tokens of the call only, so that padding never changes a
+real token's output: the buffer keeps its static `c` of all tokens, and only
+each expert's first `c` of the unmasked count (its best-scored tokens, all
+unmasked) count (`kept_capacity`). `top_k` is the
 average number of experts per token: the experts run `c * E ~ top_k * n`
 rows, as token-choice top-k does, and every expert runs exactly `c` of them,
 so the load is balanced by construction with no auxiliary loss.
@@ -51,20 +55,41 @@ def expert_choice_capacity(n_tokens, top_k, n_experts, capacity_factor=None):
     return ops.minimum(capacity, ops.cast(n_tokens, "int32"))
 
 
-def expert_choice_gates(logits, capacity, mask=None):
+def counted_rows(tokens, mask=None, kept_capacity=None):
+    """`(E, c)` bool: the rows of the buffer that count (an unmasked token,
+    among its expert's first `kept_capacity` rows), or None when all do."""
+    kept = None
+    if mask is not None:
+        mask = ops.cast(ops.reshape(mask, (-1,)), "bool")
+        kept = ops.take(mask, tokens, axis=0)
+    if kept_capacity is not None:
+        c = tokens.shape[-1]
+        rank = ops.arange(ops.shape(tokens)[-1] if c is None else c, dtype="int32")
+        first = ops.expand_dims(rank < kept_capacity, 0)
+        kept = first if kept is None else ops.logical_and(kept, first)
+        kept = ops.broadcast_to(kept, ops.shape(tokens))
+    return kept
+
+
+def expert_choice_gates(logits, capacity, mask=None, kept_capacity=None):
     """Each expert's `capacity` tokens of highest softmax score.
 
     Args:
         logits: `(n, E)` router logits.
-        capacity: Python int (or scalar tensor) `c <= n`.
+        capacity: Python int (or scalar tensor) `c <= n`, the buffer's rows
+            per expert.
         mask: optional `(n,)` bool; an expert takes a masked token only when
             fewer than `c` tokens are unmasked, with weight 0 (and dispatch
             never runs it).
+        kept_capacity: optional int or scalar tensor `<= c`: only each
+            expert's first `kept_capacity` rows count, the others get weight
+            0 (the router's capacity of the unmasked tokens).
 
     Returns:
         `(weights, tokens, probs)`: `(E, c)` float32 scores `S[t, e]` of the
-        tokens each expert took (best first), `(E, c)` int32 token indices,
-        and the `(n, E)` float32 softmax `S`.
+        tokens each expert took (best first, 0 for the rows that do not
+        count), `(E, c)` int32 token indices, and the `(n, E)` float32
+        softmax `S`.
     """
     probs = ops.softmax(ops.cast(logits, "float32"), axis=-1)
     scores = ops.transpose(probs)
@@ -74,8 +99,9 @@ def expert_choice_gates(logits, capacity, mask=None):
         scores = ops.where(ops.expand_dims(mask, 0), scores, -1.0)
     weights, tokens = ops.top_k(scores, capacity)
     tokens = ops.cast(tokens, "int32")
-    if mask is not None:
-        weights = ops.where(ops.take(mask, tokens, axis=0), weights, 0.0)
+    kept = counted_rows(tokens, mask, kept_capacity)
+    if kept is not None:
+        weights = ops.where(kept, weights, 0.0)
     return weights, tokens, probs
 
 
@@ -112,26 +138,27 @@ class ExpertChoiceLayout(Layout):
 
     `combine` sums every row back into its token, weighted:
     `y[t] = sum_{(e, j): tokens[e, j] = t} weights[e, j] * h[e, j]`, rows of
-    masked tokens excluded.
+    masked tokens and rows past `kept_capacity` excluded.
 
     Args:
         weights: `(E, c)` weights of the rows.
         tokens: `(E, c)` int32 token of each row.
         n_tokens: Python int (or scalar tensor), number of tokens `n`.
         mask: optional `(n,)` bool; rows of masked tokens count for nothing.
+        kept_capacity: optional int or scalar tensor: only each expert's
+            first `kept_capacity` rows count (`expert_choice_gates`).
     """
 
-    def __init__(self, weights, tokens, n_tokens, mask=None):
+    def __init__(self, weights, tokens, n_tokens, mask=None, kept_capacity=None):
         super().__init__(None)
         self.n_experts = tokens.shape[0]
         self.weights = weights
         self.n_tokens = n_tokens
         self._rows_token = ops.reshape(tokens, (-1,))
         self._shape = (self.n_experts, -1)
-        self._kept = None
-        if mask is not None:
-            mask = ops.cast(ops.reshape(mask, (-1,)), "bool")
-            self._kept = ops.take(mask, self._rows_token, axis=0)
+        self._kept = counted_rows(tokens, mask, kept_capacity)
+        if self._kept is not None:
+            self._kept = ops.reshape(self._kept, (-1,))
         self._constrain = _expert_axis_constrain() or (lambda x: x)
 
     def gather(self, tokens):
@@ -163,7 +190,9 @@ class ExpertChoiceLayout(Layout):
         return ops.cast(summed, rows.dtype)
 
 
-def expert_choice_mixture(inputs, weights, tokens, expert_fn, mask=None):
+def expert_choice_mixture(
+    inputs, weights, tokens, expert_fn, mask=None, kept_capacity=None
+):
     """Runs each expert on the tokens it took and sums them back: `(n, m)`.
 
     Args:
@@ -174,28 +203,31 @@ def expert_choice_mixture(inputs, weights, tokens, expert_fn, mask=None):
             rows, as for `sparse_mixture`.
         mask: optional `(n,)` bool; masked tokens are run by no expert and
             their output is zero.
+        kept_capacity: optional: only each expert's first `kept_capacity`
+            rows count (`expert_choice_gates`).
     """
     n = inputs.shape[0]
     if n is None:
         n = ops.shape(inputs)[0]
-    layout = ExpertChoiceLayout(weights, tokens, n, mask)
+    layout = ExpertChoiceLayout(weights, tokens, n, mask, kept_capacity)
     return layout.combine(expert_fn(layout, layout.gather(inputs)))
 
 
-def expert_choice_statistics(weights, tokens, logits, mask=None):
-    """`(E + 2,)` float32: each expert's share of the routed (unmasked)
-    rows, the share of unmasked tokens that no expert took, and the mean
-    router entropy (nats), without gradient."""
+def expert_choice_statistics(weights, tokens, logits, mask=None, kept_capacity=None):
+    """`(E + 2,)` float32: each expert's share of the routed rows that count
+    (unmasked, within `kept_capacity`), the share of unmasked tokens that no
+    expert took, and the mean router entropy (nats), without gradient."""
     n = logits.shape[0]
     if n is None:
         n = ops.shape(logits)[0]
     flat = ops.reshape(tokens, (-1,))
-    if mask is None:
-        valid = ops.ones((n,), "float32")
-        kept = ops.ones(ops.shape(flat), "float32")
-    else:
+    valid = ops.ones((n,), "float32")
+    if mask is not None:
         valid = ops.cast(ops.reshape(mask, (-1,)), "float32")
-        kept = ops.take(valid, flat, axis=0)
+    counted = counted_rows(tokens, mask, kept_capacity)
+    kept = ops.ones(ops.shape(flat), "float32")
+    if counted is not None:
+        kept = ops.cast(ops.reshape(counted, (-1,)), "float32")
     per_expert = ops.sum(ops.reshape(kept, ops.shape(tokens)), axis=1)
     load = per_expert / ops.maximum(ops.sum(per_expert), 1.0)
     dropped = ops.zeros((), "float32")
@@ -213,7 +245,7 @@ class ExpertChoiceRouter(keras.layers.Layer):
 
     `S = softmax(x . W_r (+ b_r))` over the experts, in float32; expert `e`
     takes the `c = ceil(capacity_factor * top_k * n / E)` tokens (at most
-    `n`) of largest `S[:, e]` among the `n` tokens of the call, and
+    `n`) of largest `S[:, e]` among the `n` unmasked tokens of the call, and
     `dispatch` computes `y_t = sum over the experts e that took t of
     S[t, e] * expert_e(x_t)`; a token that no expert took gets zero. Every
     expert runs `c` tokens, so the load is balanced by construction (no
@@ -232,7 +264,8 @@ class ExpertChoiceRouter(keras.layers.Layer):
     Statistics, in two non-trainable float32 variables updated at every call
     (as `TopKRouter`'s): `routing_stats_last`, the last call's
     `(expert loads..., dropped fraction, entropy)`, and `routing_stats_sum`,
-    their running sums over the training calls plus the number of calls.
+    their running sums over the training calls plus the number of calls
+    (not in a frozen router, `trainable=False`: its state does not move).
 
     Args:
         n_experts: Positive integer, number of experts `E`.
@@ -253,8 +286,11 @@ class ExpertChoiceRouter(keras.layers.Layer):
     Call arguments:
         inputs: `(tokens, d)` tensor.
         mask: Optional `(tokens,)` boolean mask: masked tokens are taken by
-            no expert (unless fewer tokens than `c` are unmasked, then with
-            weight 0 and never run) and count in no loss or statistic.
+            no expert and count in no loss or statistic, nor in `n`: padding
+            never changes the real tokens' outputs. The returned arrays keep
+            the static `c` of all the tokens; the rows past each expert's `c`
+            of the unmasked tokens (masked tokens, or unmasked ones it does
+            not take) have weight 0 and `dispatch` does not count them.
         training: Python bool: the z-loss and the running sums only when
             `True`.
 
@@ -347,7 +383,7 @@ class ExpertChoiceRouter(keras.layers.Layer):
         self.kernel = self.add_weight(
             name="kernel",
             shape=(input_dim, self.n_experts),
-            initializer=self.kernel_initializer,
+            initializer=utils.initializer_for(self.kernel_initializer, "kernel"),
             regularizer=self.kernel_regularizer,
             constraint=self.kernel_constraint,
             autocast=False,
@@ -357,7 +393,7 @@ class ExpertChoiceRouter(keras.layers.Layer):
             self.bias = self.add_weight(
                 name="bias",
                 shape=(self.n_experts,),
-                initializer=self.bias_initializer,
+                initializer=utils.initializer_for(self.bias_initializer, "bias"),
                 regularizer=self.bias_regularizer,
                 constraint=self.bias_constraint,
                 autocast=False,
@@ -371,6 +407,14 @@ class ExpertChoiceRouter(keras.layers.Layer):
             n_tokens, self.top_k, self.n_experts, self.capacity_factor
         )
 
+    def kept_capacity(self, mask):
+        """Tokens each expert takes out of the unmasked ones: a scalar int32
+        tensor, or None without a mask (the buffer's `c`)."""
+        if mask is None:
+            return None
+        n_valid = ops.sum(ops.cast(ops.reshape(mask, (-1,)), "int32"))
+        return self.capacity(n_valid)
+
     def logits(self, inputs, training=None):
         """Float32 router logits `(tokens, E)`."""
         return gate_logits(inputs, self.kernel, self.bias)
@@ -382,10 +426,11 @@ class ExpertChoiceRouter(keras.layers.Layer):
         if n is None:
             n = ops.shape(inputs)[0]
         logits = self.logits(inputs, training=training)
-        weights, tokens, _ = expert_choice_gates(logits, self.capacity(n), mask)
+        kept = self.kept_capacity(mask)
+        weights, tokens, _ = expert_choice_gates(logits, self.capacity(n), mask, kept)
         if training and self.router_z_loss_weight:
             self.add_loss(self.router_z_loss_weight * router_z_loss(logits, mask))
-        stats = expert_choice_statistics(weights, tokens, logits, mask)
+        stats = expert_choice_statistics(weights, tokens, logits, mask, kept)
         record_routing_stats(self, stats, training)
         return weights, tokens
 
@@ -398,13 +443,14 @@ class ExpertChoiceRouter(keras.layers.Layer):
         """
         if mask is not None:
             mask = ops.reshape(mask, (-1,))
-        return expert_choice_mixture(inputs, weights, tokens, expert_fn, mask)
+        kept = self.kept_capacity(mask)
+        return expert_choice_mixture(inputs, weights, tokens, expert_fn, mask, kept)
 
     @property
     def routing_stats(self):
         """Statistics of the last call, as NumPy: `expert_load` (each
-        expert's share of the tokens taken: uniform unless fewer tokens than
-        `c` are unmasked), `dropped_fraction` (the share of unmasked tokens
+        expert's share of the tokens taken: uniform, each takes `c` of the
+        unmasked ones), `dropped_fraction` (the share of unmasked tokens
         that no expert took) and `router_entropy` (mean entropy in nats of
         the softmax over the experts)."""
         return last_routing_stats(self, self.n_experts)

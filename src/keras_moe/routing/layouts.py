@@ -12,7 +12,8 @@ matmul, and combines the results back per token:
   block of `b` rows (MegaBlocks' idea), `(blocks, b, d)` rows, each block
   owned by one expert, at most `tokens * k + (e - 1) * b` rows in all.
 - `RowLayout` (dropless): the `tokens * k` sorted rows themselves, for a
-  backend grouped matmul.
+  backend grouped matmul; the rows of masked assignments, past the last
+  group, are zeros.
 - `EmptyLayout`: no token at all (an empty batch).
 
 Compute and memory grow with `k`, not with the number of experts.
@@ -38,16 +39,20 @@ def gather_rows(x, indices):
 
 
 def expert_capacity(n_tokens, top_k, n_experts, capacity_factor):
-    """`ceil(capacity_factor * tokens * k / n_experts)` slots per expert (>= 1).
+    """`ceil(capacity_factor * tokens * k / n_experts)` slots per expert, at
+    most `tokens` (an expert takes a token at most once, so more slots would
+    stay empty) and at least 1.
 
     A Python int when `n_tokens` is one, else a scalar tensor (a dynamic batch
     size under TensorFlow's graph mode).
     """
     if isinstance(n_tokens, int):
-        return max(1, math.ceil(capacity_factor * n_tokens * top_k / n_experts))
-    capacity = ops.ceil(
-        ops.cast(n_tokens, "float32") * (capacity_factor * top_k / n_experts)
-    )
+        capacity = math.ceil(capacity_factor * n_tokens * top_k / n_experts)
+        return max(1, min(capacity, n_tokens))
+    n_tokens = ops.cast(n_tokens, "float32")
+    capacity = ops.ceil(n_tokens * (capacity_factor * top_k / n_experts))
+    # Capped before the cast: a huge factor would overflow int32.
+    capacity = ops.minimum(capacity, n_tokens)
     return ops.maximum(ops.cast(capacity, "int32"), 1)
 
 
@@ -286,23 +291,33 @@ class RowLayout(Layout):
         self._kept = a.valid
         self._out_pos = a.position
         # Masked assignments sort last, past every group: the grouped matmul
-        # leaves their rows (and their rows' gradients) undefined.
+        # leaves their rows undefined, any value, even inf or NaN, in its
+        # outputs and in its inputs' gradients. `gather` and `matmul` zero
+        # them (outputs, and inputs' gradients through `where`), so that they
+        # reach no value and no gradient: a zero upstream gradient does not
+        # suffice, as `0 * NaN` is NaN (an activation's gradient at an
+        # undefined row, a bias gathered for it).
         self._row_valid = None
         if a.valid is not None:
-            self._row_valid = ops.arange(a.total, dtype="int32") < a.starts[-1]
+            valid = ops.arange(a.total, dtype="int32") < a.starts[-1]
+            self._row_valid = ops.expand_dims(valid, 1)
 
-    def gather(self, tokens):
-        rows = gather_rows(tokens, self._rows_token)
+    def _defined(self, rows):
         if self._row_valid is None:
             return rows
-        # `where`, so that the undefined gradients of the masked rows (any
-        # value, even inf) do not reach their tokens.
-        return ops.where(ops.expand_dims(self._row_valid, 1), rows, 0)
+        return ops.where(self._row_valid, rows, ops.zeros_like(rows))
+
+    def gather(self, tokens):
+        # `where`, so that the undefined gradients of the masked rows do not
+        # reach their tokens.
+        return self._defined(gather_rows(tokens, self._rows_token))
 
     def matmul(self, x, kernel, expert_axis=0):
         if expert_axis != 0:
             kernel = ops.moveaxis(kernel, expert_axis, 0)
-        return self._grouped_matmul(x, ops.cast(kernel, x.dtype), self._group_ends)
+        kernel = ops.cast(kernel, x.dtype)
+        y = self._grouped_matmul(self._defined(x), kernel, self._group_ends)
+        return self._defined(y)
 
     def add_bias(self, x, bias):
         return x + ops.take(ops.cast(bias, x.dtype), self._row_expert, axis=0)

@@ -39,12 +39,16 @@ class TopKRouter(keras.layers.Layer):
     `dispatch` runs the experts on their tokens (`routing.sparse_mixture`)
     with the router's `capacity_factor`. A custom layer uses it the same way.
 
-    Routing statistics live in two non-trainable float32 variables updated
-    at every call (so they work under `jit_compile` and in JAX's stateless
-    training step): `routing_stats_last`, the last call's
+    Routing statistics live in two non-trainable variables, float32 under
+    every dtype policy (as is `balance_bias`), updated at every call (so
+    they work under `jit_compile` and in JAX's stateless training step):
+    `routing_stats_last`, the last call's
     `(expert loads..., dropped fraction, entropy)`, and `routing_stats_sum`,
     their running sums over the training calls since `reset_routing_stats`
-    plus the number of calls.
+    plus the number of calls. A frozen router (`trainable=False`, or its
+    host layer frozen) keeps its state as `BatchNormalization` does: neither
+    the running sums nor `balance_bias` move, even in training calls; only
+    `routing_stats_last` reports each call.
 
     Args:
         n_experts: Positive integer, number of experts `E`.
@@ -55,7 +59,7 @@ class TopKRouter(keras.layers.Layer):
         capacity_factor: `None` (dropless: no token is ever dropped) or a
             positive float: each expert takes at most
             `ceil(capacity_factor * tokens * top_k / n_experts)` assignments
-            in `dispatch`, the others are dropped (zero contribution).
+            (`<= tokens`) in `dispatch`, the others are dropped.
         noisy_gating: Whether to add learned-scale Gaussian noise to the
             logits in training (Shazeer et al. 2017).
         load_balance_weight: Non-negative weight of the load-balancing loss.
@@ -85,7 +89,8 @@ class TopKRouter(keras.layers.Layer):
             balancing (DeepSeek-V3, `routing.balance`): a non-trainable
             per-expert `balance_bias` `(E,)` is added to the logits for
             choosing the experts only (the weights come from the unbiased
-            logits), and in every training call each expert's bias moves by
+            logits), and in every training call (of a trainable router) each
+            expert's bias moves by
             `balance_bias_rate * sign(mean load - its load)`, outside the
             optimizer. Saved with the model; `routing_stats` reports it.
         **kwargs: Base layer arguments (`name`, `dtype`, ...).
@@ -221,7 +226,7 @@ class TopKRouter(keras.layers.Layer):
         self.kernel = self.add_weight(
             name="kernel",
             shape=(input_dim, self.n_experts),
-            initializer=self.kernel_initializer,
+            initializer=utils.initializer_for(self.kernel_initializer, "kernel"),
             regularizer=self.kernel_regularizer,
             constraint=self.kernel_constraint,
             autocast=False,
@@ -231,7 +236,7 @@ class TopKRouter(keras.layers.Layer):
             self.bias = self.add_weight(
                 name="bias",
                 shape=(self.n_experts,),
-                initializer=self.bias_initializer,
+                initializer=utils.initializer_for(self.bias_initializer, "bias"),
                 regularizer=self.bias_regularizer,
                 constraint=self.bias_constraint,
                 autocast=False,
@@ -250,6 +255,7 @@ class TopKRouter(keras.layers.Layer):
             shape=(self.n_experts + 2,),
             initializer="zeros",
             trainable=False,
+            dtype="float32",
             autocast=False,
         )
         self.routing_stats_sum = self.add_weight(
@@ -257,6 +263,7 @@ class TopKRouter(keras.layers.Layer):
             shape=(self.n_experts + 3,),
             initializer="zeros",
             trainable=False,
+            dtype="float32",
             autocast=False,
         )
         # Created last: the variables before it keep their saved positions.
@@ -267,6 +274,7 @@ class TopKRouter(keras.layers.Layer):
                 shape=(self.n_experts,),
                 initializer="zeros",
                 trainable=False,
+                dtype="float32",
                 autocast=False,
             )
         self.input_spec = keras.layers.InputSpec(ndim=2, axes={-1: input_dim})
@@ -302,7 +310,9 @@ class TopKRouter(keras.layers.Layer):
                 logits, self.balance_bias.value, self.top_k, self.normalize_top_k
             )
         counts = expert_counts(experts, self.n_experts, mask)
-        if training and self.balance_bias is not None:
+        # A frozen router's state does not move (as `BatchNormalization`'s).
+        moves = training and self.trainable
+        if moves and self.balance_bias is not None:
             update_balance_bias(self.balance_bias, counts, self.balance_bias_rate)
         if training:
             if self.load_balance_weight:
@@ -312,7 +322,7 @@ class TopKRouter(keras.layers.Layer):
                 self.add_loss(self.router_z_loss_weight * router_z_loss(logits, mask))
         stats = routing_statistics(counts, ops.zeros((), "float32"), logits, mask)
         self.routing_stats_last.assign(stats)
-        if training:
+        if moves:
             ones = ops.ones((1,), "float32")
             self.routing_stats_sum.assign_add(ops.concatenate([stats, ones]))
         return weights, experts
@@ -356,7 +366,7 @@ class TopKRouter(keras.layers.Layer):
             dropped = ops.stop_gradient(ops.cast(dropped, "float32"))
             last = self.routing_stats_last.value
             self.routing_stats_last.assign(last * (1.0 - at) + at * dropped)
-            if training:
+            if training and self.trainable:
                 at = ops.concatenate([at, ops.zeros((1,), "float32")])
                 self.routing_stats_sum.assign_add(at * dropped)
         return outputs

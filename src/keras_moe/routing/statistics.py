@@ -19,6 +19,7 @@ def add_routing_stats_weights(layer, n_experts):
         shape=(n_experts + 2,),
         initializer="zeros",
         trainable=False,
+        dtype="float32",
         autocast=False,
     )
     layer.routing_stats_sum = layer.add_weight(
@@ -26,15 +27,18 @@ def add_routing_stats_weights(layer, n_experts):
         shape=(n_experts + 3,),
         initializer="zeros",
         trainable=False,
+        dtype="float32",
         autocast=False,
     )
 
 
 def record_routing_stats(layer, stats, training):
-    """Stores one call's `(E + 2,)` statistics; in training, adds them up."""
+    """Stores one call's `(E + 2,)` statistics; in training, adds them up,
+    unless the layer is frozen (`trainable=False`: its state does not move,
+    as `BatchNormalization`'s)."""
     stats = ops.stop_gradient(ops.cast(stats, "float32"))
     layer.routing_stats_last.assign(stats)
-    if training:
+    if training and layer.trainable:
         ones = ops.ones((1,), "float32")
         layer.routing_stats_sum.assign_add(ops.concatenate([stats, ones]))
 
