@@ -3,6 +3,8 @@ after build, every token masked, an empty batch, methods of the wrong mode and
 weights that do not fit. Each gets the right result or a clear error, never a
 silently wrong answer, on every backend."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -189,3 +191,26 @@ def test_a_failed_seed_load_leaves_a_built_layer_unchanged():
         compat.load_seed_weights(layer, arrays)
     for old, variable in zip(before, layer.weights):
         np.testing.assert_array_equal(to_numpy(variable), old)
+
+
+@pytest.mark.parametrize("router_shape", [(2, 10, 4), (10, 8), (5, 2, 8), (2, 5, 4)])
+def test_router_inputs_of_another_shape_are_refused(router_shape):
+    """`(2, 10, 4)` for inputs `(2, 5, 8)` has the same size: it was reshaped
+    into rows that are no token's."""
+    layer = MoEFeedForward(5, 4, top_k=2)
+    x = np.ones((2, 5, 8), "float32")
+    router_inputs = np.ones(router_shape, "float32")
+    match = (
+        r"`router_inputs` must have the shape of the inputs, \(2, 5, 8\).*"
+        rf"Received: router_inputs.shape={re.escape(str(router_shape))}"
+    )
+    with pytest.raises(ValueError, match=match):
+        layer(x, router_inputs=router_inputs)
+    # In a functional model: refused when the model runs.
+    inputs = keras.Input((5, 8))
+    router = keras.Input(router_shape[1:])
+    model = keras.Model([inputs, router], layer(inputs, router_inputs=router))
+    with pytest.raises(ValueError, match="`router_inputs` must have the shape"):
+        model([x, router_inputs])
+    same = to_numpy(layer(x, router_inputs=x * 2))
+    assert same.shape == x.shape

@@ -68,3 +68,68 @@ def test_collapsed_router_shows_in_the_logs():
     history = model.fit(x, x, batch_size=8, epochs=1, verbose=0, callbacks=[usage])
     assert history.history["ffn_max_load"] == [pytest.approx(4.0)]
     np.testing.assert_allclose(usage.loads["ffn"][0], [1.0, 0.0, 0.0, 0.0])
+
+
+def _sub_model(name, n_experts, collapse):
+    inputs = keras.Input((5,))
+    layer = MoEFeedForward(4, n_experts, top_k=1, router_bias=True, name="moe")
+    model = keras.Model(inputs, layer(inputs), name=name)
+    if collapse:
+        bias = np.zeros(n_experts, "float32")
+        bias[0] = 100.0
+        layer.router.bias.assign(bias)
+    return model
+
+
+def test_layers_of_one_name_in_two_sub_models_are_reported_apart(tmp_path):
+    """Two sub-models, each with an `MoEFeedForward(name="moe")`: two reports,
+    keyed by each layer's path in the model."""
+    encoder = _sub_model("encoder", 4, collapse=True)
+    decoder = _sub_model("decoder", 2, collapse=False)
+    inputs = keras.Input((5,))
+    model = keras.Model(inputs, decoder(encoder(inputs)))
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    x = np.random.default_rng(2).normal(size=(16, 5)).astype("float32")
+    usage = ExpertUsage(tmp_path / "usage.csv")
+    history = model.fit(x, x, batch_size=8, epochs=1, verbose=0, callbacks=[usage])
+
+    assert list(usage.loads) == ["encoder/moe", "decoder/moe"]
+    assert usage.loads["encoder/moe"].shape == (1, 4)
+    assert usage.loads["decoder/moe"].shape == (1, 2)
+    np.testing.assert_allclose(usage.loads["encoder/moe"][0], [1.0, 0.0, 0.0, 0.0])
+    assert history.history["encoder/moe_max_load"] == [pytest.approx(4.0)]
+    assert history.history["decoder/moe_max_load"][0] < 2.0
+    assert not any(key.startswith("moe_") for key in history.history)
+    with open(tmp_path / "usage.csv") as f:
+        assert [r["layer"] for r in csv.DictReader(f)] == ["encoder/moe", "decoder/moe"]
+
+
+class _TwoOfOneName(keras.layers.Layer):
+    """Two sibling sublayers that their author gave one name."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.first = MoEFeedForward(4, 2, top_k=1, name="moe")
+        self.second = MoEFeedForward(4, 3, top_k=1, name="moe")
+
+    def build(self, input_shape):
+        self.first.build(input_shape)
+        self.second.build(input_shape)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def call(self, x):
+        return self.second(self.first(x))
+
+
+def test_sibling_layers_of_one_name_get_apart_keys():
+    model = keras.Sequential([keras.Input((5,)), _TwoOfOneName(name="block")])
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    x = np.random.default_rng(3).normal(size=(8, 5)).astype("float32")
+    usage = ExpertUsage()
+    model.fit(x, x, batch_size=8, epochs=1, verbose=0, callbacks=[usage])
+    assert {key: load.shape for key, load in usage.loads.items()} == {
+        "block/moe": (1, 2),
+        "block/moe_2": (1, 3),
+    }

@@ -13,23 +13,52 @@ from keras_moe.layers.soft_moe import SoftMoE
 _ROUTING_LAYERS = (routing.TopKRouter, routing.ExpertChoiceRouter, SoftMoE)
 
 
+def layer_paths(model):
+    """`{path: layer}` for every layer inside `model`, depth first, in order.
+
+    A layer's path is the names from the model down to it joined by `/`
+    (`"encoder/moe"` for the layer `moe` of the sub-model `encoder`; a layer
+    directly in the model goes by its name). Keras names hold no `/`, so a
+    path names one place; sibling layers given one name (which Keras allows
+    in a subclassed layer) get `_2`, `_3`, ... after the later ones' paths.
+    A layer reached twice (a shared sub-model) keeps its first path.
+    """
+    paths, seen = {}, set()
+
+    def visit(layer, prefix):
+        for child in layer._flatten_layers(include_self=False, recursive=False):
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            path = base = f"{prefix}{child.name}"
+            number = 2
+            while path in paths:
+                path, number = f"{base}_{number}", number + 1
+            paths[path] = child
+            visit(child, f"{path}/")
+
+    visit(model, "")
+    return paths
+
+
 def sparse_routers(model):
-    """`{name: router}` for every built router of `model` (`TopKRouter`,
-    `ExpertChoiceRouter`) and every built `SoftMoE`.
+    """`{path: router}` for every built router of `model` (`TopKRouter`,
+    `ExpertChoiceRouter`) and every built `SoftMoE`, keyed by their paths in
+    the model (see `layer_paths`).
 
     A router that is a layer's `router` sublayer (as in `DenseMoE` with
-    `top_k` and `MoEFeedForward`) goes by that layer's name, any other by
+    `top_k` and `MoEFeedForward`) goes by that layer's path, any other by
     its own.
     """
-    layers = model._flatten_layers(include_self=False)
+    paths = layer_paths(model)
     hosts = {}
-    for layer in layers:
+    for path, layer in paths.items():
         router = getattr(layer, "router", None)
         if isinstance(router, _ROUTING_LAYERS):
-            hosts.setdefault(id(router), layer.name)
+            hosts.setdefault(id(router), path)
     return {
-        hosts.get(id(layer), layer.name): layer
-        for layer in layers
+        hosts.get(id(layer), path): layer
+        for path, layer in paths.items()
         if isinstance(layer, _ROUTING_LAYERS) and layer.built
     }
 
@@ -48,7 +77,13 @@ class ExpertUsage(keras.callbacks.Callback):
     its `dropped_fraction` is the share of tokens no expert took. Soft MoE's
     load is each expert's share of the combine weights.)
 
-    Logged per layer `name`: `name_max_load` (the busiest expert's share of
+    Each layer goes by its path in the model: its name for a layer directly
+    in the model (`"ffn"`), the names from the model down to it joined by
+    `/` for one inside a sub-model or another layer (`"encoder/moe"`), so
+    that layers of one name in different sub-models are reported apart (a
+    sparse layer's router sublayer is reported as that layer).
+
+    Logged per layer `name` (its path): `name_max_load` (the busiest expert's share of
     the assignments times `n_experts`: 1.0 is perfect balance, `n_experts`
     total collapse), `name_dropped_fraction` and `name_router_entropy`; for
     a router with `balance_bias_rate`, `name_balance_bias_range` (largest

@@ -1,10 +1,13 @@
 """The `keras-moe` command (also `python -m keras_moe`): the experiments.
 
-Every subcommand is one module with `DESCRIPTION`, `add_arguments(parser)`
-and `run(args)`. To add one, add its module to `SUBCOMMANDS`. Every
+Every subcommand is one module with `DESCRIPTION`, `add_arguments(parser)`,
+`prepare(args)` (applies `--quick` and checks every argument, before any
+work) and `run(args)`. To add one, add its module to `SUBCOMMANDS`. Every
 subcommand gets `--out DIR` (default `results/<name>`; with `--quick` a folder
 under the temporary directory, so smoke runs never overwrite `results/`) and
-`--quick`.
+`--quick`. A bad argument, or a run that cannot go ahead for a reason the user
+can fix, is one line on stderr (`keras-moe SUBCOMMAND: error: ...`) and exit
+status 2, never a traceback; the checks are in `keras_moe.experiments.checks`.
 """
 
 import argparse
@@ -25,6 +28,14 @@ SUBCOMMANDS = {
 }
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one line: what is wrong (`--help`
+    shows the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows an option's default only where it tells something: not for
     on/off flags (a `--no-x` flag's default `True` reads as the opposite)
@@ -37,7 +48,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="keras-moe",
         description=(
             "Experiments with keras-moe's mixture-of-experts layers. The Keras "
@@ -71,13 +82,15 @@ def build_parser():
             help="a smoke run of well under a minute on 2 CPU cores (tiny settings)",
         )
         module.add_arguments(subparser)
-        subparser.set_defaults(run=module.run, parser=subparser)
+        subparser.set_defaults(prepare=module.prepare, run=module.run, parser=subparser)
     return parser
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    from keras_moe.experiments import checks
+    from keras_moe.experiments.common import ExperimentError
     from keras_moe.experiments.common import command_line
 
     args.command_line = command_line(argv)
@@ -85,12 +98,16 @@ def main(argv=None):
         quick = getattr(args, "quick", False)
         base = QUICK_OUT if quick else "results"
         args.out = os.path.join(base, args.subcommand)
-    from keras_moe.experiments.common import ExperimentError
-
+    created = []
     try:
+        # Every argument, then the output folder, before any data or model.
+        args.prepare(args)
+        created = checks.output_folder(args.out)
         args.run(args)
     except ExperimentError as error:
         # What failed, in one line, with argparse's prefix and exit status;
-        # no traceback and no usage (the arguments were well formed).
+        # no traceback and no usage.
         args.parser.exit(2, f"{args.parser.prog}: error: {error}\n")
+    finally:
+        checks.remove_if_empty(created)  # a run that failed before writing
     return 0

@@ -212,7 +212,7 @@ def test_a_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypa
 def test_resume_refuses_another_protocol(tmp_path, capsys):
     out = _finished_run(tmp_path / "out", "cnn", 0, [0.5])
     runs.write_protocol(out, {"epochs": 1})
-    argv = ["cifar10", "--data", "nowhere", "--out", str(out), "--resume"]
+    argv = ["cifar10", "--data", str(tmp_path), "--out", str(out), "--resume"]
     with pytest.raises(SystemExit) as exit_info:
         cli.main([*argv, "--epochs", "2"])
     assert exit_info.value.code == 2
@@ -241,7 +241,7 @@ def test_claims_keep_processes_apart(tmp_path):
         ("--batch-size", "0", "must be > 0"),
         ("--batch-size", "x", "must be an integer"),
         ("--learning-rate", "-1", "must be > 0"),
-        ("--decay", "nan", "must be >= 0"),
+        ("--decay", "nan", "must be finite"),
         ("--seed", "-3", "must be >= 0"),
     ],
 )
@@ -282,6 +282,27 @@ def test_unreadable_data_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "must be an existing folder or tar archive" in err
     assert not out.exists()
+
+
+def test_images_too_small_for_the_networks_are_one_line(tmp_path, capsys):
+    image_folder = write_image_folder(tmp_path / "images", size=9)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["cifar10", "--quick", "--data", str(image_folder), "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "must hold images of at least 10 x 10 pixels" in err
+    assert len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["cnn", "moe", "moe-pooled"])
+def test_the_smallest_images_are_the_smallest_the_networks_take(name):
+    side = cifar10.MIN_IMAGE_SIZE
+    model = cifar10.build_model(name, (side, side, 3), 3, augmentation=False)
+    assert model.output_shape == (None, 3)
+    with pytest.raises(ValueError):
+        cifar10.build_model(name, (side - 1, side - 1, 3), 3, augmentation=False)
 
 
 def test_progress_numbers_epochs_out_of_the_run(tmp_path, capsys):

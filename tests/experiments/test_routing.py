@@ -66,3 +66,14 @@ def test_quick_run_writes_results_plot_and_summary(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "| `soft-moe` Soft MoE, 16 slots per expert |" in summary
     assert results["settings"]["dim"] == 16 and results["settings"]["depth"] == 2
+
+
+def test_images_smaller_than_a_patch_are_one_line(tmp_path, capsys):
+    image_folder = write_image_folder(tmp_path / "images", size=3)
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["routing", "--quick", "--data", str(image_folder), "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "must hold images of at least 4 x 4 pixels (one patch)" in err
+    assert len(err.splitlines()) == 1

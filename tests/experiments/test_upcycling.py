@@ -70,8 +70,20 @@ def test_tiny_run_writes_results_plot_and_summary_and_is_exact_at_upcycling(tmp_
     assert "exact at initialisation" in summary and "[start:results]" in summary
 
 
-def test_top_k_above_experts_is_a_clear_error(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["upcycling", "--quick", "--experts", "2", "--top-k", "3"])
-    assert exit_info.value.code == 2
-    assert "--top-k must be at most --experts" in capsys.readouterr().err
+def test_the_longest_window_fits_the_data_and_one_more_byte_does_not(capsys):
+    train, val, info = upcycling.load_stdlib_bytes()
+    # The sizes come from the files' sizes, without reading them.
+    assert upcycling.stdlib_sizes() == (train.size, val.size)
+    longest = min(train.size, val.size) - 2
+    args = cli.build_parser().parse_args(
+        ["upcycling", "--sequence-length", str(longest), "--eval-windows", "3"]
+    )
+    upcycling.prepare(args)
+    starts = np.linspace(0, val.size - longest - 2, 3).astype("int64")
+    x, y = upcycling.windows(val, starts, longest)
+    assert y.shape == (3, longest) and y[0, -1] == val[longest]
+    x, y = upcycling.training_batches(train, np.random.default_rng(0), 1, args)
+    assert x["token_ids"].shape == (args.batch_size, longest)
+    args.sequence_length = longest + 1
+    with pytest.raises(ValueError, match=f"at most {longest} "):
+        upcycling.prepare(args)

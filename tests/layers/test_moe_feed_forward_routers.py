@@ -41,8 +41,8 @@ def np_expert(w, layer, activation, e, x):
 
 def np_expert_choice_layer(layer, x, activation, mask=None):
     """Every token of the call routed together (float64): expert `e` takes
-    the `c` unmasked tokens of largest `S[:, e]`; also returns the share of
-    unmasked tokens no expert took."""
+    the `c` unmasked tokens of largest `S[:, e]`, `c` counting the unmasked
+    tokens only; also returns the share of unmasked tokens no expert took."""
     w = {relative_path(v): to_numpy(v).astype("float64") for v in layer.weights}
     tokens = x.reshape(-1, x.shape[-1]).astype("float64")
     n = len(tokens)
@@ -52,7 +52,8 @@ def np_expert_choice_layer(layer, x, activation, mask=None):
         logits = logits + w["router/bias"]
     probs = np_softmax(logits)
     factor = 1.0 if layer.capacity_factor is None else layer.capacity_factor
-    c = min(n, math.ceil(factor * layer.top_k * n / layer.n_experts))
+    n_valid = int(valid.sum())
+    c = min(n_valid, math.ceil(factor * layer.top_k * n_valid / layer.n_experts))
     out = np.zeros_like(tokens)
     taken = np.zeros(n, bool)
     for e in range(layer.n_experts):
@@ -68,9 +69,9 @@ def np_expert_choice_layer(layer, x, activation, mask=None):
     "kwargs, activation, masked",
     [
         ({}, np_gelu, False),
-        # 2 x 5 = 10 tokens, c = ceil(2 * 10 / 4) = 5; with a mask.
+        # 2 x 5 = 10 tokens, 7 unmasked: c = ceil(2 * 7 / 4) = 4.
         ({"gated": True, "activation": "silu", "router_bias": True}, np_silu, True),
-        # c = ceil(1.5 * 1 * 10 / 4) = 4, an expert scale, no biases.
+        # c = ceil(1.5 * 1 * 7 / 4) = 3, an expert scale, no biases.
         (
             {
                 "top_k": 1,
@@ -99,6 +100,43 @@ def test_expert_choice_matches_numpy(kwargs, activation, masked):
     assert stats["dropped_fraction"] == pytest.approx(dropped, abs=1e-6)
     np.testing.assert_allclose(stats["expert_load"], 1.0 / E, rtol=1e-6)
     assert layer.losses == []  # no balancing loss, even with its weight set
+
+
+@pytest.mark.parametrize("top_k, capacity_factor", [(1, None), (2, 0.5)])
+def test_expert_choice_padding_never_changes_the_real_tokens(top_k, capacity_factor):
+    """The capacity counts the unmasked tokens of the call: 4 real tokens and
+    4 masked ones, 2 experts, `top_k=1` gave each real token both experts
+    (c = 4 of 8 tokens instead of 2 of 4), 11% off the unpadded outputs."""
+    rng = np.random.default_rng(2)
+    real = rng.normal(size=(1, 4, D)).astype("float32")
+    layer = MoEFeedForward(
+        M, 2, top_k=top_k, capacity_factor=capacity_factor, router="expert_choice"
+    )
+    layer.build(real.shape)
+    randomize(layer)
+    expected = to_numpy(layer(real))
+    padded = np.concatenate([real, rng.normal(size=(1, 4, D))], 1).astype("float32")
+    mask = np.arange(8)[None] < 4
+    y = to_numpy(layer(padded, mask=mask))
+    np.testing.assert_allclose(y[:, :4], expected, rtol=1e-5, atol=1e-6)
+    assert np.all(y[:, 4:] == 0.0)
+    # A batch of sequences of other lengths: the real tokens of the call,
+    # however padded, give the outputs of those tokens alone.
+    batch = rng.normal(size=(3, 5, D)).astype("float32")
+    mask = np.arange(5)[None] < np.array([[5], [2], [3]])
+    alone = to_numpy(layer(batch[mask][None]))[0]
+    np.testing.assert_allclose(
+        to_numpy(layer(batch, mask=mask))[mask], alone, rtol=1e-5, atol=1e-6
+    )
+    # Under jit_compile (XLA; torch.compile takes minutes here), with the
+    # mask from `Masking`: zero padding.
+    inputs = keras.Input((None, D))
+    model = keras.Model(inputs, layer(keras.layers.Masking(0.0)(inputs)))
+    model.compile(jit_compile=BACKEND != "torch")
+    zero_padded = np.concatenate([real, np.zeros((1, 4, D), "float32")], 1)
+    for x in (zero_padded, np.concatenate([zero_padded, zero_padded], 1)):
+        y = model.predict(x, verbose=0)
+        np.testing.assert_allclose(y[:, :4], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_expert_choice_fits_under_jit_compile_and_reloads(tmp_path):

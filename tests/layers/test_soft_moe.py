@@ -154,6 +154,26 @@ def test_masked_tokens_change_nothing_for_the_others():
     assert np.all(y[~mask] == 0.0)
 
 
+@pytest.mark.parametrize("shape", [(0, 4, D), (2, 0, D)])
+@pytest.mark.parametrize("training", [False, True])
+def test_an_empty_batch_or_sequence_with_a_mask(shape, training):
+    """With a mask, an empty batch or empty sequences crashed ("zero-size
+    array to reduction operation min"); they give an empty output, as
+    without a mask."""
+    layer = SoftMoE(M, E, slots_per_expert=2)
+    layer.build((None, 4, D))
+    x = np.ones(shape, "float32")
+    unmasked = to_numpy(layer(x, training=training))
+    y = to_numpy(layer(x, mask=np.ones(shape[:2], bool), training=training))
+    assert y.shape == unmasked.shape == shape
+    assert np.isfinite(layer.routing_stats["router_entropy"])
+    # A batch whose every token is masked: zero outputs, finite statistics.
+    x = np.ones((2, 4, D), "float32")
+    y = to_numpy(layer(x, mask=np.zeros((2, 4), bool), training=training))
+    assert np.all(y == 0.0)
+    assert np.isfinite(layer.routing_stats["expert_load"]).all()
+
+
 def test_keras_masking_reaches_the_layer():
     x = np.random.default_rng(3).normal(size=(2, 4, D)).astype("float32")
     x[1, 2:] = 0.0

@@ -276,6 +276,45 @@ def test_large_capacity_equals_dropless(k):
     assert dropped == 0.0
 
 
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_capacity_is_capped_at_the_tokens(n):
+    """An expert takes a token at most once: more than `n` slots would stay
+    empty (a huge `capacity_factor` allocated a huge buffer)."""
+    for factor in (1e6, 1e12):
+        assert routing.expert_capacity(n, 2, 4, factor) == n
+        # A dynamic token count (TensorFlow's graph mode): no int32 overflow.
+        capacity = routing.expert_capacity(ops.convert_to_tensor(n), 2, 4, factor)
+        assert int(to_numpy(capacity)) == n
+    assert routing.expert_capacity(n, 2, 4, 1.0) == max(1, math.ceil(n / 2))
+    assert routing.expert_capacity(0, 2, 4, 1e6) == 1
+
+
+def test_a_huge_capacity_factor_builds_a_buffer_of_the_tokens(monkeypatch):
+    from keras_moe import MoEFeedForward
+    from keras_moe.routing import dispatch
+
+    buffers = []
+
+    class Spy(dispatch.CapacityLayout):
+        def gather(self, tokens):
+            rows = super().gather(tokens)
+            buffers.append(tuple(rows.shape))
+            return rows
+
+    monkeypatch.setattr(dispatch, "CapacityLayout", Spy)
+    x = np.random.default_rng(0).normal(size=(2, 3, 6)).astype("float32")
+    huge = MoEFeedForward(5, 4, top_k=2, capacity_factor=1e6)
+    # E / top_k: capacity n, every assignment served.
+    exact = MoEFeedForward(5, 4, top_k=2, capacity_factor=2.0)
+    huge.build(x.shape)
+    exact.build(x.shape)
+    exact.set_weights(huge.get_weights())
+    y = to_numpy(huge(x))
+    assert buffers == [(4, 6, 6)]
+    np.testing.assert_allclose(y, to_numpy(exact(x)), rtol=1e-6, atol=1e-6)
+    assert huge.routing_stats["dropped_fraction"] == 0.0
+
+
 @pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 1.25])
 @pytest.mark.parametrize("k", [1, 2])
 def test_capacity_drops_overflow_like_numpy(capacity_factor, k):

@@ -26,18 +26,20 @@ def np_capacity(n, k, e, factor):
 
 def np_expert_choice(x, kernel, bias, expert_kernel, expert_bias, k, factor, mask):
     """Reference (float64): each expert's column of the softmax sorted by
-    score over the unmasked tokens, its first `c` taken; `y[t]` sums
-    `S[t, e] * tanh(x[t] W_e + b_e)` over the experts that took `t`."""
+    score over the unmasked tokens, its first `c` taken, `c` counting the
+    unmasked tokens only; `y[t]` sums `S[t, e] * tanh(x[t] W_e + b_e)` over
+    the experts that took `t`. Returns the buffer's `c` of all tokens."""
     x = x.astype("float64")
     n, e = len(x), kernel.shape[1]
     probs = np_softmax(x @ kernel + bias)
-    c = np_capacity(n, k, e, factor)
     valid = np.ones(n, bool) if mask is None else np.asarray(mask, bool)
+    n_valid = int(valid.sum())
+    kept = np_capacity(n_valid, k, e, factor)
     out = np.zeros((n, expert_kernel.shape[-1]))
     taken = np.zeros((e, n), bool)
     for expert in range(e):
         candidates = [t for t in np.argsort(-probs[:, expert]) if valid[t]]
-        for t in candidates[:c]:
+        for t in candidates[:kept]:
             taken[expert, t] = True
             h = np.tanh(x[t] @ expert_kernel[expert] + expert_bias[expert])
             out[t] += probs[t, expert] * h
@@ -45,7 +47,7 @@ def np_expert_choice(x, kernel, bias, expert_kernel, expert_bias, k, factor, mas
     dropped = np.sum(valid & ~taken.any(0)) / max(valid.sum(), 1)
     entropy = -(probs * np.log(probs)).sum(-1)[valid]
     entropy = entropy.mean() if valid.any() else 0.0
-    return out, taken, (load, dropped, entropy), c
+    return out, taken, (load, dropped, entropy), np_capacity(n, k, e, factor)
 
 
 def random_case(n, e, seed=0):
@@ -114,11 +116,12 @@ def test_router_and_dispatch_match_numpy(n, e, k, factor, masked):
 
 
 def test_masked_tokens_are_run_by_no_expert_even_with_room_to_spare():
-    # 3 unmasked tokens, c = 4: every expert takes all of them and no other.
+    # 3 unmasked tokens: c = 3 of them (the buffer has 8 rows per expert):
+    # every expert takes all of them and no other.
     x, kernel, bias, expert_kernel, expert_bias = random_case(8, 2, seed=5)
     mask = np.array([1, 0, 0, 1, 0, 1, 0, 0], bool)
     x[~mask] = np.nan  # whatever a masked token holds, it reaches nothing
-    router = router_with(kernel, bias, top_k=1)
+    router = router_with(kernel, bias, top_k=2)
     weights, tokens = router(x, mask=mask)
     rows = []
 

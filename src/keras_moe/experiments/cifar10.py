@@ -33,6 +33,7 @@ import numpy as np
 
 from keras_moe import Conv2DMoE
 from keras_moe import DenseMoE
+from keras_moe.experiments import checks
 from keras_moe.experiments import cifar10_results as results_lib
 from keras_moe.experiments import common
 from keras_moe.experiments import data as data_lib
@@ -40,6 +41,10 @@ from keras_moe.experiments import runs
 
 DESCRIPTION = __doc__
 MODELS = results_lib.MODELS
+# The smallest image side the networks take: each of their two blocks is a
+# "same" and a "valid" 3x3 convolution and a 2x2 pooling, so a side s leaves
+# ((s - 2) // 2 - 2) // 2 pixels, none below 10.
+MIN_IMAGE_SIZE = 10
 LABELS = {
     "cnn": "CNN (original)",
     "moe": "MoE (original)",
@@ -217,12 +222,34 @@ def compile_model(model, args):
     )
 
 
-def apply_quick(args):
+def prepare(args):
+    """Applies `--quick`'s settings, then checks what argparse cannot: all
+    before any data is loaded or model built."""
     if args.quick:
         args.epochs = min(args.epochs, 1)
         args.repeats = 1
         args.train_size = min(args.train_size or 64, 64)
         args.test_size = min(args.test_size or 32, 32)
+    if args.merge:
+        if args.resume:
+            checks.fail("--merge", "given without --resume (it trains nothing)", args)
+        for folder in args.merge:
+            if not str(folder) or not (pathlib.Path(folder) / "data.json").exists():
+                checks.fail(
+                    "--merge",
+                    "output folders of `keras-moe cifar10` (with data.json and "
+                    f"runs/), which {str(folder)!r} is not",
+                    args,
+                )
+        return
+    checks.existing_data(args)
+    # `runs.EpochSeeds` seeds epoch e of run r with (--seed + r) * 1000 + e.
+    checks.seeds(
+        args,
+        lambda seed: (seed + args.repeats - 1) * 1000 + args.epochs - 1,
+        others=("--repeats", "--epochs"),
+        rule="epoch e of run r is seeded with (--seed + r) * 1000 + e",
+    )
 
 
 def protocol_of(args):
@@ -242,7 +269,6 @@ PROTOCOL_SETTINGS += ("train_size", "test_size", "augmentation", "seed")
 def run(args):
     if args.merge:
         return merge(args)
-    apply_quick(args)
     models = list(dict.fromkeys(args.models))
     out = pathlib.Path(args.out)
     protocol = protocol_of(args)
@@ -253,6 +279,13 @@ def run(args):
         args.data, args.train_size, args.test_size, seed=args.seed
     )
     print(images.describe())
+    smallest = min(images.x_train.shape[1:3])
+    if smallest < MIN_IMAGE_SIZE:
+        raise common.ExperimentError(
+            f"`--data` must hold images of at least {MIN_IMAGE_SIZE} x "
+            f"{MIN_IMAGE_SIZE} pixels (the networks pool twice after valid "
+            f"convolutions). Received: images of shape {images.x_train.shape[1:]}"
+        )
     runs.write_protocol(out, protocol)
     data = Data(
         x_train=images.x_train.astype("float32") / 255.0,
@@ -393,11 +426,6 @@ def merge(args):
     heads, records = [], {}
     for folder in args.merge:
         folder = pathlib.Path(folder)
-        if not (folder / "data.json").exists():
-            raise common.ExperimentError(
-                "`--merge` needs output folders of `keras-moe cifar10` (with "
-                f"data.json and runs/). Received: {str(folder)!r}"
-            )
         head = json.loads((folder / "data.json").read_text())
         if heads:
             for key in ("experiment", "backend", "data"):

@@ -28,8 +28,10 @@ def _number(kind, low, strict, text):
         raise argparse.ArgumentTypeError(
             f"must be {'an integer' if kind is int else 'a number'}. Received: {text!r}"
         ) from None
-    if value < low or (strict and value == low) or value != value:
-        bound = f"{'>' if strict else '>='} {low}"
+    if value != value:
+        raise argparse.ArgumentTypeError(f"must be finite. Received: {text!r}")
+    if value < low or (strict and value == low):
+        bound = f"{'>' if strict else '>='} {low:g}"
         raise argparse.ArgumentTypeError(f"must be {bound}. Received: {text!r}")
     return value
 

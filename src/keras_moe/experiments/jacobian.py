@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from keras_moe import backend
+from keras_moe.experiments import checks
 from keras_moe.experiments import common
 from keras_moe.layers import DenseMoE
 
@@ -77,10 +78,16 @@ def spectrum_summary(mean_spectrum, tolerance=1e-6):
     }
 
 
-def run(args):
+def prepare(args):
+    """Applies `--quick`'s settings, then checks what argparse cannot: all
+    before any layer is built."""
     if args.quick:
         args.samples = min(args.samples, 16)
         args.experts = args.experts[:2]
+    checks.seeds(args, lambda seed: seed, others=(), rule="the one seed of the run")
+
+
+def run(args):
     keras.utils.set_random_seed(args.seed)
     out = common.output_dir(args.out)
     x = np.random.default_rng(args.seed).standard_normal((args.samples, args.dim))

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 from keras_moe import Conv1DMoE
+from keras_moe.experiments import checks
 from keras_moe.experiments import common
 from keras_moe.experiments import data as data_lib
 
@@ -85,10 +86,16 @@ def build_model(name, length=40, n_classes=10, channels=25):
     return keras.Sequential(layers, name=f"mnist1d_{name.replace('-', '_')}")
 
 
-def run(args):
+def prepare(args):
+    """Applies `--quick`'s settings, then checks what argparse cannot: all
+    before any data is made or model built."""
     if args.quick:
         args.epochs = min(args.epochs, 2)
         args.repeats = 1
+    checks.seeds(args, lambda seed: seed + args.repeats - 1)
+
+
+def run(args):
     models = list(dict.fromkeys(args.models))
     x_train, y_train, x_test, y_test = data_lib.load_mnist1d()
     out = common.output_dir(args.out)

@@ -33,10 +33,13 @@ import numpy as np
 from keras_moe import MoEFeedForward
 from keras_moe import SoftMoE
 from keras_moe.callbacks import ExpertUsage
+from keras_moe.experiments import checks
 from keras_moe.experiments import common
 from keras_moe.experiments import data as data_lib
 
 DESCRIPTION = __doc__
+HEADS = 4
+PATCH_SIZE = 4
 MODELS = ("token-choice", "token-choice-bias", "expert-choice", "soft-moe")
 LABELS = {
     "token-choice": "token choice, top-2, load-balancing loss",
@@ -73,16 +76,24 @@ def add_arguments(parser):
     )
     common.add_optimizer_arguments(parser, batch_size=128, learning_rate=1e-3)
     parser.add_argument(
-        "--dim", type=common.positive_int, default=64, help="ViT width (the example's)"
+        "--dim",
+        type=common.positive_int,
+        default=64,
+        help=f"ViT width (the example's), a multiple of the {HEADS} heads",
     )
     parser.add_argument(
         "--depth",
         type=common.positive_int,
         default=4,
-        help="transformer blocks (the odd ones are MoE)",
+        help="transformer blocks (the odd ones are MoE), at least 2",
     )
     parser.add_argument("--n-experts", type=common.positive_int, default=8)
-    parser.add_argument("--top-k", type=common.positive_int, default=2)
+    parser.add_argument(
+        "--top-k",
+        type=common.positive_int,
+        default=2,
+        help="experts per token, at most --n-experts",
+    )
     parser.add_argument(
         "--load-balance-weight",
         type=common.nonnegative_float,
@@ -99,6 +110,19 @@ def add_arguments(parser):
     parser.add_argument(
         "--verbose", type=int, default=2, choices=(0, 1, 2), help="Keras fit verbosity"
     )
+
+
+def prepare(args):
+    """Applies `--quick`'s settings, then checks what argparse cannot: all
+    before any data is loaded or model built."""
+    common.apply_quick(
+        args, epochs=1, train_size=64, test_size=32, batch_size=32, dim=16, depth=2
+    )
+    checks.at_most(args, "--top-k", "--n-experts")
+    checks.multiple_of(args, "--dim", HEADS, f"the width of {HEADS} attention heads")
+    checks.at_least(args, "--depth", 2, "the odd blocks hold the mixtures")
+    checks.existing_data(args)
+    checks.seeds(args, lambda seed: seed + args.repeats - 1)
 
 
 def slots_per_expert(n_tokens, top_k, n_experts):
@@ -137,7 +161,7 @@ def moe_layer(name, args, mlp_dim, n_tokens, index):
     )
 
 
-def build_model(name, args, input_shape, n_classes, patch_size=4, heads=4):
+def build_model(name, args, input_shape, n_classes, patch_size=PATCH_SIZE, heads=HEADS):
     """The ViT of `examples/vit_moe_cifar10.py` (`args.dim` wide,
     `args.depth` blocks) with model `name`'s mixture in its odd blocks
     (hidden size `2 * dim`), uncompiled."""
@@ -278,9 +302,6 @@ def summarize(name, runs, args, n_tokens):
 
 
 def run(args):
-    common.apply_quick(
-        args, epochs=1, train_size=64, test_size=32, batch_size=32, dim=16, depth=2
-    )
     models = list(dict.fromkeys(args.models))
     out = common.output_dir(args.out)
     images = data_lib.load_cifar10(
@@ -288,7 +309,12 @@ def run(args):
     )
     print(images.describe())
     height, width = images.x_train.shape[1:3]
-    n_tokens = (height // 4) * (width // 4)
+    n_tokens = (height // PATCH_SIZE) * (width // PATCH_SIZE)
+    if not n_tokens:
+        raise common.ExperimentError(
+            f"`--data` must hold images of at least {PATCH_SIZE} x {PATCH_SIZE} "
+            f"pixels (one patch). Received: images of shape {images.x_train.shape[1:]}"
+        )
     results = common.new_results(
         "routing",
         args,

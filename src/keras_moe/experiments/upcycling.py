@@ -28,9 +28,12 @@ import time
 import keras
 import numpy as np
 
+from keras_moe.experiments import checks
 from keras_moe.experiments import common
 
 DESCRIPTION = __doc__
+QUERY_HEADS = 4
+KEY_VALUE_HEADS = 2
 ARMS = ("dense", "upcycled")
 LABELS = {
     "pretrain": "dense, first phase",
@@ -43,7 +46,12 @@ def add_arguments(parser):
     parser.add_argument("--dense-steps", type=common.positive_int, default=300)
     parser.add_argument("--continue-steps", type=common.positive_int, default=300)
     parser.add_argument("--experts", type=common.positive_int, default=8)
-    parser.add_argument("--top-k", type=common.positive_int, default=2)
+    parser.add_argument(
+        "--top-k",
+        type=common.positive_int,
+        default=2,
+        help="experts per token, at most --experts",
+    )
     parser.add_argument(
         "--expert-noise",
         type=common.nonnegative_float,
@@ -51,9 +59,21 @@ def add_arguments(parser):
         help="relative noise on the expert copies (breaks exactness)",
     )
     parser.add_argument("--layers", type=common.positive_int, default=2)
-    parser.add_argument("--hidden-dim", type=common.positive_int, default=64)
+    parser.add_argument(
+        "--hidden-dim",
+        type=common.positive_int,
+        default=64,
+        help=f"model width, a multiple of {2 * QUERY_HEADS} ({QUERY_HEADS} heads of "
+        "an even size, as the rotary embedding needs)",
+    )
     parser.add_argument("--intermediate-dim", type=common.positive_int, default=128)
-    parser.add_argument("--sequence-length", type=common.positive_int, default=128)
+    parser.add_argument(
+        "--sequence-length",
+        type=common.positive_int,
+        default=128,
+        help="bytes per window; a window and its next byte must fit the "
+        "validation bytes",
+    )
     common.add_optimizer_arguments(parser, batch_size=16, learning_rate=3e-3)
     parser.add_argument(
         "--eval-every", type=common.positive_int, default=50, help="steps"
@@ -74,8 +94,8 @@ def add_arguments(parser):
     common.add_seed_argument(parser)
 
 
-def load_stdlib_bytes():
-    """(train bytes, validation bytes, description) of the standard library."""
+def stdlib_files():
+    """The standard library's top-level modules, sorted, and their folder."""
     folder = pathlib.Path(os.__file__).parent
     files = sorted(folder.glob("*.py"))
     if len(files) < 20:
@@ -83,9 +103,29 @@ def load_stdlib_bytes():
             f"expected the standard library's modules in {folder}, found "
             f"{len(files)} .py files"
         )
+    return folder, files
+
+
+def _is_validation(index):
+    return index % 10 == 0
+
+
+def stdlib_sizes():
+    """`(train bytes, validation bytes)` of `load_stdlib_bytes`, from the
+    files' sizes alone (nothing is read)."""
+    sizes = {True: [], False: []}
+    for i, path in enumerate(stdlib_files()[1]):
+        sizes[_is_validation(i)].append(path.stat().st_size)
+    # The files are joined with one newline between two.
+    return tuple(sum(s) + len(s) - 1 for s in (sizes[False], sizes[True]))
+
+
+def load_stdlib_bytes():
+    """(train bytes, validation bytes, description) of the standard library."""
+    folder, files = stdlib_files()
     train, val = [], []
     for i, path in enumerate(files):
-        (val if i % 10 == 0 else train).append(path.read_bytes())
+        (val if _is_validation(i) else train).append(path.read_bytes())
     train = np.frombuffer(b"\n".join(train), dtype=np.uint8).astype("int32")
     val = np.frombuffer(b"\n".join(val), dtype=np.uint8).astype("int32")
     info = {
@@ -96,6 +136,31 @@ def load_stdlib_bytes():
         "validation_bytes": int(val.size),
     }
     return train, val, info
+
+
+def prepare(args):
+    """Applies `--quick`'s settings, then checks what argparse cannot: all
+    before any data is read or model built."""
+    common.apply_quick(
+        args, dense_steps=4, continue_steps=4, eval_every=2, eval_windows=8
+    )
+    checks.at_most(args, "--top-k", "--experts")
+    checks.multiple_of(
+        args,
+        "--hidden-dim",
+        2 * QUERY_HEADS,
+        f"{QUERY_HEADS} attention heads of an even size for the rotary embedding",
+    )
+    # A window and the byte after it (the last label) fit in either split.
+    longest = min(stdlib_sizes()) - 2
+    if args.sequence_length > longest:
+        checks.fail(
+            "--sequence-length",
+            f"at most {longest} (a window and its next byte must fit the "
+            "standard library's validation bytes)",
+            args,
+        )
+    checks.seeds(args, lambda seed: seed + args.repeats - 1)
 
 
 def windows(data, starts, length):
@@ -119,7 +184,7 @@ def training_batches(data, rng, steps, args):
 def forward_macs_per_token(args, experts=None, top_k=None):
     """Active multiply-adds per token of the forward pass (no embedding lookup)."""
     d, m, t = args.hidden_dim, args.intermediate_dim, args.sequence_length
-    heads, kv_heads = 4, 2
+    heads, kv_heads = QUERY_HEADS, KEY_VALUE_HEADS
     head_dim = d // heads
     attention = d * heads * head_dim + 2 * d * kv_heads * head_dim
     attention += heads * head_dim * d
@@ -137,8 +202,8 @@ def build_dense(args):
     backbone = keras_hub.models.MistralBackbone(
         vocabulary_size=256,
         num_layers=args.layers,
-        num_query_heads=4,
-        num_key_value_heads=2,
+        num_query_heads=QUERY_HEADS,
+        num_key_value_heads=KEY_VALUE_HEADS,
         hidden_dim=args.hidden_dim,
         intermediate_dim=args.intermediate_dim,
         sliding_window=None,
@@ -231,25 +296,12 @@ def run_repeat(args, train_data, val, repeat):
 
 
 def run(args):
-    common.apply_quick(
-        args, dense_steps=4, continue_steps=4, eval_every=2, eval_windows=8
-    )
-    if args.top_k > args.experts:
-        raise common.ExperimentError(
-            f"--top-k must be at most --experts. Received: --top-k {args.top_k}, "
-            f"--experts {args.experts}"
-        )
-    if args.hidden_dim % 4:
-        raise common.ExperimentError(
-            "--hidden-dim must be a multiple of the 4 attention heads. Received: "
-            f"--hidden-dim {args.hidden_dim}"
-        )
+    out = common.output_dir(args.out)
     train_data, val_data, data_info = load_stdlib_bytes()
     starts = np.linspace(
         0, val_data.size - args.sequence_length - 2, args.eval_windows
     ).astype("int64")
     val = windows(val_data, starts, args.sequence_length)
-    out = common.output_dir(args.out)
     print(
         f"Python standard library: {data_info['train_bytes']:,} training and "
         f"{data_info['validation_bytes']:,} validation bytes"

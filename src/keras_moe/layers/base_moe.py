@@ -105,7 +105,9 @@ class BaseMoE(keras.layers.Layer):
             self.expert_kernel = self.add_weight(
                 name="expert_kernel",
                 shape=expert_kernel_shape,
-                initializer=expert_kernel_initializer,
+                initializer=utils.initializer_for(
+                    expert_kernel_initializer, "expert_kernel"
+                ),
                 regularizer=self.expert_kernel_regularizer,
                 constraint=self.expert_kernel_constraint,
             )
@@ -115,7 +117,9 @@ class BaseMoE(keras.layers.Layer):
                 self._gating_kernel = self.add_weight(
                     name="gating_kernel",
                     shape=gating_kernel_shape,
-                    initializer=gating_kernel_initializer,
+                    initializer=utils.initializer_for(
+                        gating_kernel_initializer, "gating_kernel"
+                    ),
                     regularizer=self.gating_kernel_regularizer,
                     constraint=self.gating_kernel_constraint,
                     autocast=False,
@@ -125,7 +129,9 @@ class BaseMoE(keras.layers.Layer):
                 self.expert_bias = self.add_weight(
                     name="expert_bias",
                     shape=expert_bias_shape,
-                    initializer=self.expert_bias_initializer,
+                    initializer=utils.initializer_for(
+                        self.expert_bias_initializer, "expert_bias"
+                    ),
                     regularizer=self.expert_bias_regularizer,
                     constraint=self.expert_bias_constraint,
                 )
@@ -134,7 +140,9 @@ class BaseMoE(keras.layers.Layer):
                 self._gating_bias = self.add_weight(
                     name="gating_bias",
                     shape=gating_bias_shape,
-                    initializer=self.gating_bias_initializer,
+                    initializer=utils.initializer_for(
+                        self.gating_bias_initializer, "gating_bias"
+                    ),
                     regularizer=self.gating_bias_regularizer,
                     constraint=self.gating_bias_constraint,
                     autocast=False,

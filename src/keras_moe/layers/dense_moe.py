@@ -64,7 +64,8 @@ class DenseMoE(saved_formats.LegacyLoading, BaseMoE):
             (Shazeer et al. 2017), noise scale `softplus(x . W_noise)`.
         capacity_factor: With `top_k`: `None` (dropless, no token ever
             dropped) or a positive float capping each expert at
-            `ceil(capacity_factor * tokens * top_k / n_experts)` assignments.
+            `ceil(capacity_factor * tokens * top_k / n_experts)` assignments
+            (at most `tokens`).
         load_balance_weight: With `top_k`: weight of the load-balancing loss
             `n_experts * sum_i f_i * P_i`, added in training.
         router_z_loss_weight: With `top_k`: weight of the router z-loss
@@ -271,6 +272,8 @@ class DenseMoE(saved_formats.LegacyLoading, BaseMoE):
                 dtype=self.dtype_policy,
                 name="router",
             )
+            # Created frozen in a frozen layer: its state does not move.
+            self.router.trainable = self.trainable
             self.router.build((None, input_dim))
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_dim})
 

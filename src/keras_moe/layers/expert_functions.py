@@ -68,3 +68,22 @@ def split_gate_up(h, gate_up_layout):
         gate, up = ops.split(h, 2, axis=-1)
         return gate, up
     return h[..., ::2], h[..., 1::2]
+
+
+def router_tokens(router_inputs, inputs, dtype):
+    """`router_inputs` as `(tokens, d)` rows in `dtype`, after checking that
+    they have the shape of `inputs` (axes unknown before run time aside): a
+    tensor of the same size but another shape would be reshaped into rows
+    that belong to other tokens."""
+    shape = tuple(router_inputs.shape)
+    expected = tuple(inputs.shape)
+    same = len(shape) == len(expected) and all(
+        a is None or b is None or a == b for a, b in zip(shape, expected)
+    )
+    if not same:
+        raise ValueError(
+            "`router_inputs` must have the shape of the inputs, "
+            f"{expected}, one row per token. Received: router_inputs.shape="
+            f"{shape}, inputs.shape={expected}"
+        )
+    return ops.reshape(ops.cast(router_inputs, dtype), (-1, expected[-1]))

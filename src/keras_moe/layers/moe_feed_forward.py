@@ -6,6 +6,7 @@ from keras import ops
 
 from keras_moe import saved_formats
 from keras_moe import utils
+from keras_moe.layers import expert_functions
 from keras_moe.layers import moe_feed_forward_options as options_lib
 from keras_moe.layers.feed_forward_experts import FeedForwardExperts
 from keras_moe.layers.shared_expert import SharedExpert
@@ -96,9 +97,9 @@ class MoEFeedForward(saved_formats.LegacyLoading, keras.layers.Layer):
             routed (their output is zero, the shared expert's included) and
             count in no loss or statistic.
         training: Python bool: losses, noise and jitter only when `True`.
-        router_inputs: Optional tensor of the shape of `inputs` that the
-            router sees instead of them (Gemma 4 routes the hidden states
-            and runs the experts on their normalisation).
+        router_inputs: Optional tensor of the shape of `inputs` (another
+            shape is a `ValueError`) that the router sees instead of them
+            (Gemma 4 routes the hidden states, the experts their norm).
 
     Input shape:
         N-D tensor `(batch_size, ..., d)`, N >= 2.
@@ -297,7 +298,12 @@ class MoEFeedForward(saved_formats.LegacyLoading, keras.layers.Layer):
             )
         d = input_shape[-1]
         for sublayer in (self.router, self.experts, self.shared_expert):
-            if sublayer is not None and not sublayer.built:
+            if sublayer is None:
+                continue
+            if not self.trainable:
+                # Frozen before its sublayers were: their state stays too.
+                sublayer.trainable = False
+            if not sublayer.built:
                 sublayer.build((None, d))
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: d})
 
@@ -308,7 +314,9 @@ class MoEFeedForward(saved_formats.LegacyLoading, keras.layers.Layer):
         tokens = ops.reshape(inputs, (-1, d))
         router_tokens = tokens
         if router_inputs is not None:
-            router_tokens = self._router_tokens(inputs, router_inputs)
+            router_tokens = expert_functions.router_tokens(
+                router_inputs, inputs, self.compute_dtype
+            )
         if mask is not None:
             mask = ops.reshape(ops.broadcast_to(mask, ops.shape(inputs)[:-1]), (-1,))
         if training and self.router_jitter_noise:
@@ -333,17 +341,6 @@ class MoEFeedForward(saved_formats.LegacyLoading, keras.layers.Layer):
                 shared = ops.where(ops.expand_dims(mask, -1), shared, 0)
             outputs = outputs + ops.cast(shared, outputs.dtype)
         return ops.reshape(outputs, ops.shape(inputs))
-
-    def _router_tokens(self, inputs, router_inputs):
-        if tuple(router_inputs.shape) != tuple(inputs.shape):
-            raise ValueError(
-                "`router_inputs` must have the shape of the inputs (the router "
-                "sees each token's own features). Received: "
-                f"router_inputs.shape={tuple(router_inputs.shape)}, "
-                f"inputs.shape={tuple(inputs.shape)}"
-            )
-        router_inputs = ops.cast(router_inputs, self.compute_dtype)
-        return ops.reshape(router_inputs, (-1, inputs.shape[-1]))
 
     @property
     def routing_stats(self):

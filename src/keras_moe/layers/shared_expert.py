@@ -27,8 +27,11 @@ class SharedExpert(keras.layers.Layer):
         activation_dtype: `None` or `"float32"`, the dtype of the activation.
         swiglu_limit: `None`, or GPT-OSS's clamped SwiGLU's limit (gated).
         swiglu_alpha: The clamped SwiGLU's `alpha`.
-        kernel_initializer: Initializer of the kernels.
-        bias_initializer: Initializer of the biases.
+        kernel_initializer: Initializer of the kernels; each kernel draws
+            its own values, also from a seeded initializer
+            (`keras_moe.utils.initializer_for`).
+        bias_initializer: Initializer of the biases, each drawing its own
+            values.
         kernel_regularizer: Regularizer of the kernels.
         bias_regularizer: Regularizer of the biases.
         kernel_constraint: Constraint of the kernels.
@@ -119,11 +122,12 @@ class SharedExpert(keras.layers.Layer):
         layer = keras.layers.Dense(
             units,
             use_bias=use_bias,
-            # A fresh initializer per kernel: a seeded one repeats its values.
-            kernel_initializer=keras.initializers.get(
-                keras.initializers.serialize(self.kernel_initializer)
+            kernel_initializer=utils.initializer_for(
+                self.kernel_initializer, f"{name}/kernel"
             ),
-            bias_initializer=self.bias_initializer,
+            bias_initializer=utils.initializer_for(
+                self.bias_initializer, f"{name}/bias"
+            ),
             kernel_regularizer=self.kernel_regularizer,
             bias_regularizer=self.bias_regularizer,
             kernel_constraint=self.kernel_constraint,

@@ -42,7 +42,8 @@ class SoftMoE(saved_formats.LegacyLoading, keras.layers.Layer):
     slots), `dropped_fraction` 0, and as `router_entropy` the mean entropy
     (nats) of each token's shares over the experts. They live in a
     `keras_moe.routing.RoutingStatistics` sublayer, `statistics`, as in the
-    sparse layers' routers.
+    sparse layers' routers; the running sums do not move in a frozen layer
+    (`trainable=False`).
 
     Args:
         intermediate_dim: Positive integer, hidden size `m` of each expert.
@@ -55,7 +56,9 @@ class SoftMoE(saved_formats.LegacyLoading, keras.layers.Layer):
         normalize: Whether the logits are those of the l2-normalised tokens
             and slot parameters times a learned scale (the paper's choice);
             `False` is `L = X . Phi` exactly.
-        kernel_initializer: Initializer of the expert kernels.
+        kernel_initializer: Initializer of the expert kernels; each kernel
+            draws its own values, also from a seeded initializer
+            (`keras_moe.utils.initializer_for`).
         bias_initializer: Initializer of the expert biases.
         router_initializer: Initializer of the router kernel `Phi`.
         kernel_regularizer: Regularizer of the expert kernels.
@@ -177,7 +180,7 @@ class SoftMoE(saved_formats.LegacyLoading, keras.layers.Layer):
         self.router_kernel = self.add_weight(
             name="router_kernel",
             shape=(d, e * self.slots_per_expert),
-            initializer=self.router_initializer,
+            initializer=utils.initializer_for(self.router_initializer, "router_kernel"),
             autocast=False,
         )
         self.router_scale = None

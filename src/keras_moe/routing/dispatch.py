@@ -197,7 +197,7 @@ def sparse_mixture(
             `matmul` and `broadcast`).
         capacity_factor: `None` (dropless) or a positive float: each expert
             takes `ceil(capacity_factor * n * k / e)` assignments (at most
-            `n`), the rest are dropped (they contribute zero). Under a
+            `n`: `expert_capacity`), the rest are dropped (zero). Under a
             `keras.distribution` with a batch axis, `n` is the tokens of one
             batch shard: each shard routes its own tokens
             (`distribution_groups`).

@@ -3,7 +3,11 @@
 `S = softmax(x . W_r)` over the experts, in float32. Expert `e` takes the
 `c = ceil(capacity_factor * top_k * n / E)` tokens (at most `n`) of largest
 `S[:, e]`, and `y_t = sum over the experts e that took t of
-S[t, e] * expert_e(x_t)`; a token no expert took gets zero. `top_k` is the
+S[t, e] * expert_e(x_t)`; a token no expert took gets zero. With a mask, `n`
+counts the unmasked tokens of the call only, so that padding never changes a
+real token's output: the buffer keeps its static `c` of all tokens, and only
+each expert's first `c` of the unmasked count (its best-scored tokens, all
+unmasked) count (`kept_capacity`). `top_k` is the
 average number of experts per token: the experts run `c * E ~ top_k * n`
 rows, as token-choice top-k does, and every expert runs exactly `c` of them,
 so the load is balanced by construction with no auxiliary loss.
@@ -43,20 +47,41 @@ def expert_choice_capacity(n_tokens, top_k, n_experts, capacity_factor=None):
     return ops.minimum(capacity, ops.cast(n_tokens, "int32"))
 
 
-def expert_choice_gates(logits, capacity, mask=None):
+def counted_rows(tokens, mask=None, kept_capacity=None):
+    """`(E, c)` bool: the rows of the buffer that count (an unmasked token,
+    among its expert's first `kept_capacity` rows), or None when all do."""
+    kept = None
+    if mask is not None:
+        mask = ops.cast(ops.reshape(mask, (-1,)), "bool")
+        kept = ops.take(mask, tokens, axis=0)
+    if kept_capacity is not None:
+        c = tokens.shape[-1]
+        rank = ops.arange(ops.shape(tokens)[-1] if c is None else c, dtype="int32")
+        first = ops.expand_dims(rank < kept_capacity, 0)
+        kept = first if kept is None else ops.logical_and(kept, first)
+        kept = ops.broadcast_to(kept, ops.shape(tokens))
+    return kept
+
+
+def expert_choice_gates(logits, capacity, mask=None, kept_capacity=None):
     """Each expert's `capacity` tokens of highest softmax score.
 
     Args:
         logits: `(n, E)` router logits.
-        capacity: Python int (or scalar tensor) `c <= n`.
+        capacity: Python int (or scalar tensor) `c <= n`, the buffer's rows
+            per expert.
         mask: optional `(n,)` bool; an expert takes a masked token only when
             fewer than `c` tokens are unmasked, with weight 0 (and dispatch
             never runs it).
+        kept_capacity: optional int or scalar tensor `<= c`: only each
+            expert's first `kept_capacity` rows count, the others get weight
+            0 (the router's capacity of the unmasked tokens).
 
     Returns:
         `(weights, tokens, probs)`: `(E, c)` float32 scores `S[t, e]` of the
-        tokens each expert took (best first), `(E, c)` int32 token indices,
-        and the `(n, E)` float32 softmax `S`.
+        tokens each expert took (best first, 0 for the rows that do not
+        count), `(E, c)` int32 token indices, and the `(n, E)` float32
+        softmax `S`.
     """
     probs = ops.softmax(ops.cast(logits, "float32"), axis=-1)
     scores = ops.transpose(probs)
@@ -66,8 +91,9 @@ def expert_choice_gates(logits, capacity, mask=None):
         scores = ops.where(ops.expand_dims(mask, 0), scores, -1.0)
     weights, tokens = ops.top_k(scores, capacity)
     tokens = ops.cast(tokens, "int32")
-    if mask is not None:
-        weights = ops.where(ops.take(mask, tokens, axis=0), weights, 0.0)
+    kept = counted_rows(tokens, mask, kept_capacity)
+    if kept is not None:
+        weights = ops.where(kept, weights, 0.0)
     return weights, tokens, probs
 
 
@@ -102,29 +128,38 @@ class ExpertChoiceLayout(Layout):
 
     `combine` sums every row back into its token, weighted:
     `y[t] = sum_{(e, j): tokens[e, j] = t} weights[e, j] * h[e, j]`, rows of
-    masked tokens excluded.
+    masked tokens and rows past `kept_capacity` excluded.
 
     Args:
         weights: `(E, c)` weights of the rows.
         tokens: `(E, c)` int32 token of each row.
         n_tokens: Python int (or scalar tensor), number of tokens `n`.
         mask: optional `(n,)` bool; rows of masked tokens count for nothing.
+        kept_capacity: optional int or scalar tensor: only each expert's
+            first `kept_capacity` rows count (`expert_choice_gates`).
         expert_axis: The mesh axis the experts are split over under a
             `keras.distribution` (`keras_moe.distribution.expert_axis()`), or
             None.
     """
 
-    def __init__(self, weights, tokens, n_tokens, mask=None, expert_axis=None):
+    def __init__(
+        self,
+        weights,
+        tokens,
+        n_tokens,
+        mask=None,
+        kept_capacity=None,
+        expert_axis=None,
+    ):
         super().__init__(None)
         self.n_experts = tokens.shape[0]
         self.weights = weights
         self.n_tokens = n_tokens
         self._rows_token = ops.reshape(tokens, (-1,))
         self._shape = (self.n_experts, -1)
-        self._kept = None
-        if mask is not None:
-            mask = ops.cast(ops.reshape(mask, (-1,)), "bool")
-            self._kept = ops.take(mask, self._rows_token, axis=0)
+        self._kept = counted_rows(tokens, mask, kept_capacity)
+        if self._kept is not None:
+            self._kept = ops.reshape(self._kept, (-1,))
         self._constrain = _expert_axis_constrain(expert_axis) or (lambda x: x)
 
     def gather(self, tokens):
@@ -153,7 +188,13 @@ class ExpertChoiceLayout(Layout):
 
 
 def expert_choice_mixture(
-    inputs, weights, tokens, expert_bank, mask=None, expert_axis=None
+    inputs,
+    weights,
+    tokens,
+    expert_bank,
+    mask=None,
+    kept_capacity=None,
+    expert_axis=None,
 ):
     """Runs each expert on the tokens it took and sums them back: `(n, m)`.
 
@@ -166,31 +207,35 @@ def expert_choice_mixture(
             for `sparse_mixture`.
         mask: optional `(n,)` bool; masked tokens are run by no expert and
             their output is zero.
+        kept_capacity: optional: only each expert's first `kept_capacity`
+            rows count (`expert_choice_gates`).
         expert_axis: The mesh axis the experts are split over, or None
             (`ExpertChoiceLayout`).
     """
     n = inputs.shape[0]
     if n is None:
         n = ops.shape(inputs)[0]
-    layout = ExpertChoiceLayout(weights, tokens, n, mask, expert_axis)
+    layout = ExpertChoiceLayout(weights, tokens, n, mask, kept_capacity, expert_axis)
     return layout.run(inputs, dispatch_runner(expert_bank))
 
 
-def expert_choice_statistics(weights, tokens, logits, mask=None):
+def expert_choice_statistics(weights, tokens, logits, mask=None, kept_capacity=None):
     """The routing statistics of expert choice, float32 without gradient:
-    `expert_load` `(E,)`, each expert's share of the routed (unmasked) rows;
+    `expert_load` `(E,)`, each expert's share of the routed rows that count
+    (unmasked, within `kept_capacity`);
     `dropped_fraction`, the share of unmasked tokens that no expert took;
     `router_entropy`, the mean router entropy (nats)."""
     n = logits.shape[0]
     if n is None:
         n = ops.shape(logits)[0]
     flat = ops.reshape(tokens, (-1,))
-    if mask is None:
-        valid = ops.ones((n,), "float32")
-        kept = ops.ones(ops.shape(flat), "float32")
-    else:
+    valid = ops.ones((n,), "float32")
+    if mask is not None:
         valid = ops.cast(ops.reshape(mask, (-1,)), "float32")
-        kept = ops.take(valid, flat, axis=0)
+    counted = counted_rows(tokens, mask, kept_capacity)
+    kept = ops.ones(ops.shape(flat), "float32")
+    if counted is not None:
+        kept = ops.cast(ops.reshape(counted, (-1,)), "float32")
     per_expert = ops.sum(ops.reshape(kept, ops.shape(tokens)), axis=1)
     load = per_expert / ops.maximum(ops.sum(per_expert), 1.0)
     dropped = ops.zeros((), "float32")

@@ -59,8 +59,11 @@ class ExpertChoiceRouter(BaseRouter):
     Call arguments:
         inputs: `(tokens, d)` tensor.
         mask: Optional `(tokens,)` boolean mask: masked tokens are taken by
-            no expert, count in no loss or statistic, and do not count in
-            `c` (padding never changes a real token's routing).
+            no expert and count in no loss or statistic, nor in `n`: padding
+            never changes the real tokens' outputs. The returned arrays keep
+            the static `c` of all the tokens; the rows past each expert's `c`
+            of the unmasked tokens (masked tokens, or unmasked ones it does
+            not take) have weight 0 and `dispatch` does not count them.
         training: Python bool: the z-loss and the running sums only when
             `True`.
 
@@ -144,6 +147,14 @@ class ExpertChoiceRouter(BaseRouter):
             n_tokens, self.top_k, self.n_experts, self.capacity_factor
         )
 
+    def kept_capacity(self, mask):
+        """Tokens each expert takes out of the unmasked ones: a scalar int32
+        tensor, or None without a mask (the buffer's `c`)."""
+        if mask is None:
+            return None
+        n_valid = ops.sum(ops.cast(ops.reshape(mask, (-1,)), "int32"))
+        return self.capacity(n_valid)
+
     def call(self, inputs, mask=None, training=None):
         if mask is not None:
             mask = ops.reshape(mask, (-1,))
@@ -151,9 +162,10 @@ class ExpertChoiceRouter(BaseRouter):
         if n is None:
             n = ops.shape(inputs)[0]
         logits = self.logits(inputs, training=training)
-        weights, tokens, _ = expert_choice_gates(logits, self.capacity(n), mask)
+        kept = self.kept_capacity(mask)
+        weights, tokens, _ = expert_choice_gates(logits, self.capacity(n), mask, kept)
         self.add_z_loss(logits, mask, training)
-        stats = expert_choice_statistics(weights, tokens, logits, mask)
+        stats = expert_choice_statistics(weights, tokens, logits, mask, kept)
         self.statistics.record(**stats, training=training)
         return weights, tokens
 
@@ -165,7 +177,13 @@ class ExpertChoiceRouter(BaseRouter):
         if mask is not None:
             mask = ops.reshape(mask, (-1,))
         return expert_choice_mixture(
-            inputs, weights, indices, expert_bank, mask, distribution.expert_axis()
+            inputs,
+            weights,
+            indices,
+            expert_bank,
+            mask,
+            self.kept_capacity(mask),
+            distribution.expert_axis(),
         )
 
     def compute_mask(self, inputs, mask=None):

@@ -46,16 +46,20 @@ def gather_rows(x, indices):
 
 
 def expert_capacity(n_tokens, top_k, n_experts, capacity_factor):
-    """`ceil(capacity_factor * tokens * k / n_experts)` slots per expert (>= 1).
+    """`ceil(capacity_factor * tokens * k / n_experts)` slots per expert, at
+    most `tokens` (an expert takes a token at most once, so more slots would
+    stay empty) and at least 1.
 
     A Python int when `n_tokens` is one, else a scalar tensor (a dynamic batch
     size under TensorFlow's graph mode).
     """
     if isinstance(n_tokens, int):
-        return max(1, math.ceil(capacity_factor * n_tokens * top_k / n_experts))
-    capacity = ops.ceil(
-        ops.cast(n_tokens, "float32") * (capacity_factor * top_k / n_experts)
-    )
+        capacity = math.ceil(capacity_factor * n_tokens * top_k / n_experts)
+        return max(1, min(capacity, n_tokens))
+    n_tokens = ops.cast(n_tokens, "float32")
+    capacity = ops.ceil(n_tokens * (capacity_factor * top_k / n_experts))
+    # Capped before the cast: a huge factor would overflow int32.
+    capacity = ops.minimum(capacity, n_tokens)
     return ops.maximum(ops.cast(capacity, "int32"), 1)
 
 

@@ -18,6 +18,9 @@ from keras_moe.routing.losses import masked_mean
 # Added to the squared norm under the square root, as in the paper's code.
 NORMALIZE_EPSILON = 1e-6
 
+# Below any float32 logit, and finite: `LOWEST - LOWEST` is 0.
+LOWEST = -1e30
+
 
 def l2_normalize(x, axis=-1, epsilon=NORMALIZE_EPSILON):
     """`x / sqrt(sum(x^2, axis) + epsilon)`."""
@@ -58,13 +61,16 @@ def soft_slot_weights(logits, mask=None):
     if mask is None:
         return ops.softmax(logits, axis=1), combine
     valid = ops.expand_dims(ops.cast(mask, "bool"), -1)
-    # Softmax over the unmasked tokens only. Masked logits are replaced by
-    # one below them all before the exponential (no overflow, so no NaN in
-    # the gradient of `where`), and an all-masked sequence divides zero by
-    # one.
-    low = ops.stop_gradient(ops.min(logits) - 1.0)
-    logits = ops.where(valid, logits, low)
-    shift = ops.stop_gradient(ops.max(logits, axis=1, keepdims=True))
+    # Softmax over the unmasked tokens only, shifted by their largest logit
+    # (`LOWEST` in an all-masked or empty sequence: a reduction with an
+    # initial value, so that empty batches and sequences need no special
+    # case). Masked logits are replaced by the shift before the exponential
+    # (no overflow, so no NaN in the gradient of `where`), and an all-masked
+    # sequence divides zero by one.
+    unmasked = ops.where(valid, logits, LOWEST)
+    shift = ops.max(unmasked, axis=1, keepdims=True, initial=LOWEST)
+    shift = ops.stop_gradient(shift)
+    logits = ops.where(valid, logits, shift)
     exp = ops.where(valid, ops.exp(logits - shift), 0.0)
     total = ops.sum(exp, axis=1, keepdims=True)
     dispatch = exp / ops.where(total > 0, total, 1.0)

@@ -35,9 +35,9 @@ class RoutingStatistics(saved_formats.LegacyLoading, keras.layers.Layer):
     calls).
 
     A frozen layer's state does not move: while `trainable` is `False` (as
-    when its router or the model holding it is frozen) neither the last
-    values nor the sums change, as `BatchNormalization` keeps its moving
-    statistics.
+    when its router or the model holding it is frozen) the sums and `steps`
+    do not change, even in training calls, as `BatchNormalization` keeps its
+    moving statistics; the last values still report each call.
 
     Args:
         n_experts: Positive integer, number of experts `E`.
@@ -90,10 +90,10 @@ class RoutingStatistics(saved_formats.LegacyLoading, keras.layers.Layer):
     def record(self, expert_load=None, dropped_fraction=None, router_entropy=None,
                training=None):
         """Stores the given statistics of one call (a `None` one keeps its
-        value) and, in training, adds them to the sums. `steps` counts the
-        calls whose `expert_load` is given (one per routing)."""
-        if not self.trainable:
-            return
+        value) and, in training calls of a trainable layer, adds them to the
+        sums. `steps` counts the calls whose `expert_load` is given (one per
+        routing)."""
+        training = training and self.trainable
         values = {
             "expert_load": expert_load,
             "dropped_fraction": dropped_fraction,
