@@ -1,7 +1,5 @@
 """keras-moe: mixture-of-experts layers for Keras 3 on JAX, PyTorch and TensorFlow."""
 
-# First, before anything imports keras: picks an installed backend when nothing names one.
-from keras_moe import _backend_select  # noqa: F401
 from keras_moe import callbacks
 from keras_moe import compat
 from keras_moe import routing
