@@ -131,6 +131,20 @@ def test_llama_tied_embeddings_become_mixtral_output_projection():
     assert relative_error(logits, dense_logits) <= 1e-5
 
 
+@pytest.mark.parametrize("cls", ["LlamaBackbone", "Llama3Backbone"])
+def test_llama_rope_position_scaling_factor_upcycles_exactly(cls):
+    # KerasHub's Llama rotary embedding ignores the factor; Mixtral's would
+    # divide its frequencies by it (2e-3 relative off here with it kept).
+    dense = getattr(keras_hub.models, cls)(
+        vocabulary_size=VOCAB,
+        intermediate_dim=32,
+        rope_position_scaling_factor=4.0,
+        **SMALL,
+    )
+    moe = upcycle(dense, n_experts=2, top_k=1)
+    assert relative_error(moe(TOKENS), dense(TOKENS)) <= 1e-5
+
+
 @pytest.mark.parametrize(
     "moe_layers, sparse", [("every_other", [False, True]), ([0], [True, False])]
 )

@@ -12,7 +12,7 @@ for a `CausalLM` and its preprocessor.
 | dense backbone | MoE backbone | exact at initialisation |
 | --- | --- | --- |
 | `MistralBackbone` | `MixtralBackbone` | yes (not with a `head_dim` other than `hidden_dim // num_query_heads`: Mixtral has none) |
-| `LlamaBackbone`, `Llama3Backbone` | `MixtralBackbone` (`sliding_window=None`) | yes (not with Llama 3.1's RoPE frequency scaling: Mixtral has none) |
+| `LlamaBackbone`, `Llama3Backbone` | `MixtralBackbone` (`sliding_window=None`, `rope_scaling_factor=1`) | yes (not with Llama 3.1's RoPE frequency scaling: Mixtral has none) |
 | `Qwen3Backbone` | `Qwen3MoeBackbone` (`norm_top_k_prob=True`) | yes (see `qk_norm_epsilon`) |
 
 Any other class is refused with an error that names it. The result is an
@@ -144,7 +144,11 @@ def _mixtral_config(backbone, n_experts, top_k, moe_layers, load_balance_weight)
                 f"{name} with "
                 + ", ".join(f"{key}={value}" for key, value in scaling.items())
             )
-        config["rope_scaling_factor"] = backbone.rope_position_scaling_factor
+        # KerasHub's `LlamaRotaryEmbedding` takes `rope_position_scaling_factor`
+        # but ignores it (its `_get_inverse_freq` never divides by it), while
+        # Mixtral's `RotaryEmbedding` divides its frequencies by its factor:
+        # the dense model computes with 1.
+        config["rope_scaling_factor"] = 1.0
         config["sliding_window"] = None
     return config
 
@@ -304,6 +308,9 @@ def upcycle(
     - `LlamaBackbone` / `Llama3Backbone` -> `MixtralBackbone` with
       `sliding_window=None` (exact; refused with Llama 3.1's RoPE frequency
       scaling). Tied embeddings are untied into Mixtral's output projection.
+      Mixtral's `rope_scaling_factor` is 1 whatever the Llama's
+      `rope_position_scaling_factor`, which KerasHub's Llama rotary
+      embedding ignores.
     - `Qwen3Backbone` -> `Qwen3MoeBackbone` with `norm_top_k_prob=True`
       (exact with `qk_norm_epsilon="rescale"`).
 
