@@ -181,6 +181,46 @@ def test_router_initializer_noise_and_seed():
     assert relative_error(noisy(TOKENS), dense(TOKENS)) > 1e-4
 
 
+def router_kernels(backbone):
+    kernels = []
+    for decoder in backbone.transformer_layers:
+        block = getattr(decoder, "_sparse_moe_block", None) or decoder.mlp
+        kernels.append(to_numpy(block._sparse_feedforward_gate_dense.kernel))
+    return kernels
+
+
+@pytest.mark.parametrize(
+    "family, router_initializer, seed",
+    [
+        ("mistral", "glorot_uniform", None),
+        ("qwen3", "glorot_uniform", None),
+        ("mistral", "glorot_uniform", 7),
+        ("mistral", lambda: keras.initializers.RandomNormal(seed=5), None),
+    ],
+)
+def test_router_initializer_draws_each_layer_its_own_kernel(
+    family, router_initializer, seed
+):
+    dense = dense_backbone(family)
+    runs = []
+    for _ in range(2):
+        keras.utils.set_random_seed(11)
+        initializer = (
+            router_initializer() if callable(router_initializer) else router_initializer
+        )
+        runs.append(
+            router_kernels(
+                upcycle(dense, n_experts=4, router_initializer=initializer, seed=seed)
+            )
+        )
+    first, second = runs
+    assert len(first) == 2
+    assert np.abs(first[0] - first[1]).min() > 0  # no layer shares a value
+    # Reproducible: by `seed`, the initializer's own seed, or Keras's global one.
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_load_balance_weight_reaches_the_target():
     moe = upcycle(dense_backbone("qwen3"), n_experts=2, load_balance_weight=0.5)
     assert moe.router_aux_loss_coefficient == 0.5

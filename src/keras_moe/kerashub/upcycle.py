@@ -349,6 +349,8 @@ def upcycle(
             normalised queries and keys).
         seed: Optional integer seed of `expert_noise` and of
             `router_initializer` (the same on every backend for the noise).
+            Every layer's router draws its own kernel: with a seed, layer
+            `i`'s from `seed + i`; without, from its own default seed.
 
     Returns:
         A new `MixtralBackbone` or `Qwen3MoeBackbone` with the dense
@@ -455,11 +457,19 @@ def upcycle(
 
 
 def _initial_value(initializer, variable, seed, index):
+    """Decoder layer `index`'s router kernel: a draw of its own.
+
+    A Keras random initializer draws the same values at every call (an
+    unseeded one fixes a seed when it is created), so each layer gets its own
+    copy: seeded `seed + index` (or the initializer's own seed `+ index`), or
+    unseeded, which draws a new default seed (reproducible under
+    `keras.utils.set_random_seed`). A `SeedGenerator` seed advances by itself.
+    """
     config = initializer.get_config()
-    if seed is not None and "seed" in config:
-        # One seed per layer: equal routers in every layer would be a coincidence
-        # the user did not ask for.
-        initializer = type(initializer).from_config({**config, "seed": seed + index})
+    base = seed if seed is not None else config.get("seed")
+    if "seed" in config and (base is None or utils._is_int(base)):
+        layer_seed = None if base is None else int(base) + index
+        initializer = type(initializer).from_config({**config, "seed": layer_seed})
     value = initializer(tuple(variable.shape), dtype=variable.dtype)
     return keras.ops.convert_to_numpy(value)
 
