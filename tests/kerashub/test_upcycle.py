@@ -40,13 +40,13 @@ def _needs_keras_hub():
 def dense_backbone(family, vocabulary_size=VOCAB, **kwargs):
     """A tiny dense backbone with non-trivial norm scales (so norms matter)."""
     models = keras_hub.models
+    kwargs = {**SMALL, **kwargs}
     if family == "mistral":
         # A window shorter than the input: the sliding window is carried over.
         backbone = models.MistralBackbone(
             vocabulary_size=vocabulary_size,
             intermediate_dim=32,
             sliding_window=4,
-            **SMALL,
             **kwargs,
         )
     elif family == "llama":
@@ -54,7 +54,6 @@ def dense_backbone(family, vocabulary_size=VOCAB, **kwargs):
             vocabulary_size=vocabulary_size,
             intermediate_dim=32,
             tie_word_embeddings=True,
-            **SMALL,
             **kwargs,
         )
     else:
@@ -63,7 +62,6 @@ def dense_backbone(family, vocabulary_size=VOCAB, **kwargs):
             intermediate_dim=32,
             head_dim=4,
             sliding_window_size=4,
-            **SMALL,
             **kwargs,
         )
     rng = np.random.default_rng(1)
@@ -386,6 +384,18 @@ BAD_BACKBONES = [
         "`moe_layers`.*from 0 to 1",
     ),
     (lambda: dense_backbone("qwen3"), {"moe_layers": "odd"}, ValueError, "moe_layers"),
+    (
+        lambda: dense_backbone("qwen3", num_layers=1),
+        {"moe_layers": "every_other"},
+        ValueError,
+        "`moe_layers` must select at least one.*moe_layers='every_other', num_layers=1",
+    ),
+    (
+        lambda: dense_backbone("qwen3"),
+        {"moe_layers": []},
+        ValueError,
+        "`moe_layers` must hold at least one",
+    ),
     (lambda: dense_backbone("qwen3"), {"moe_layers": 1}, TypeError, "moe_layers"),
     (lambda: dense_backbone("llama"), {"n_experts": 0}, ValueError, "`n_experts`"),
     (lambda: dense_backbone("llama"), {"top_k": 5}, ValueError, "`top_k`.*top_k=5"),

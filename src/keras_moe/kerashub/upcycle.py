@@ -72,7 +72,15 @@ def _family(backbone):
 
 def _check_moe_layers(moe_layers, num_layers):
     if isinstance(moe_layers, str):
-        return utils.check_choice("moe_layers", moe_layers, MOE_LAYERS)
+        moe_layers = utils.check_choice("moe_layers", moe_layers, MOE_LAYERS)
+        if moe_layers == "every_other" and num_layers < 2:
+            raise ValueError(
+                "`moe_layers` must select at least one decoder layer; "
+                "'every_other' selects layers 1, 3, 5, ..., which a backbone "
+                "with one decoder layer lacks (use 'all'). Received: "
+                f"moe_layers='every_other', num_layers={num_layers}"
+            )
+        return moe_layers
     if not isinstance(moe_layers, (list, tuple, range)) or not all(
         utils._is_int(i) for i in moe_layers
     ):
@@ -320,7 +328,8 @@ def upcycle(
         top_k: Integer from 1 to `n_experts`, experts per token.
         moe_layers: Which decoder layers become MoE: `"all"`,
             `"every_other"` (layers 1, 3, 5, ..., Qwen's
-            `decoder_sparse_step=2`) or a sequence of layer indices; the
+            `decoder_sparse_step=2`; an error with one decoder layer) or a
+            sequence of layer indices; the
             others keep their dense block. Only `Qwen3MoeBackbone` can mix
             dense and MoE layers: for Mixtral anything but `"all"` is an
             error.
