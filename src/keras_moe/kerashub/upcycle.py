@@ -76,8 +76,7 @@ def _check_moe_layers(moe_layers, num_layers):
         if moe_layers == "every_other" and num_layers < 2:
             raise ValueError(
                 "`moe_layers` must select at least one decoder layer; "
-                "'every_other' selects layers 1, 3, 5, ..., which a backbone "
-                "with one decoder layer lacks (use 'all'). Received: "
+                "'every_other' selects layers 1, 3, 5, ... Received: "
                 f"moe_layers='every_other', num_layers={num_layers}"
             )
         return moe_layers
@@ -152,10 +151,8 @@ def _mixtral_config(backbone, n_experts, top_k, moe_layers, load_balance_weight)
                 f"{name} with "
                 + ", ".join(f"{key}={value}" for key, value in scaling.items())
             )
-        # KerasHub's `LlamaRotaryEmbedding` takes `rope_position_scaling_factor`
-        # but ignores it (its `_get_inverse_freq` never divides by it), while
-        # Mixtral's `RotaryEmbedding` divides its frequencies by its factor:
-        # the dense model computes with 1.
+        # KerasHub's `LlamaRotaryEmbedding` ignores its position scaling factor
+        # (Mixtral's divides its frequencies by it): the dense model uses 1.
         config["rope_scaling_factor"] = 1.0
         config["sliding_window"] = None
     return config
@@ -316,9 +313,7 @@ def upcycle(
     - `LlamaBackbone` / `Llama3Backbone` -> `MixtralBackbone` with
       `sliding_window=None` (exact; refused with Llama 3.1's RoPE frequency
       scaling). Tied embeddings are untied into Mixtral's output projection.
-      Mixtral's `rope_scaling_factor` is 1 whatever the Llama's
-      `rope_position_scaling_factor`, which KerasHub's Llama rotary
-      embedding ignores.
+      Mixtral gets `rope_scaling_factor=1`: KerasHub's Llama ignores its own.
     - `Qwen3Backbone` -> `Qwen3MoeBackbone` with `norm_top_k_prob=True`
       (exact with `qk_norm_epsilon="rescale"`).
 
@@ -466,14 +461,9 @@ def upcycle(
 
 
 def _initial_value(initializer, variable, seed, index):
-    """Decoder layer `index`'s router kernel: a draw of its own.
-
-    A Keras random initializer draws the same values at every call (an
-    unseeded one fixes a seed when it is created), so each layer gets its own
-    copy: seeded `seed + index` (or the initializer's own seed `+ index`), or
-    unseeded, which draws a new default seed (reproducible under
-    `keras.utils.set_random_seed`). A `SeedGenerator` seed advances by itself.
-    """
+    """Layer `index`'s router kernel, from its own copy of `initializer` (a
+    Keras random initializer, seeded or not, draws the same values at every
+    call): seeded `seed + index` (or its own seed + index), else unseeded."""
     config = initializer.get_config()
     base = seed if seed is not None else config.get("seed")
     if "seed" in config and (base is None or utils._is_int(base)):
