@@ -354,7 +354,7 @@ def upcycle(
         seed: Optional integer seed of `expert_noise` and of
             `router_initializer` (the same on every backend for the noise).
             Every layer's router draws its own kernel: with a seed, layer
-            `i`'s from `seed + i`; without, from its own default seed.
+            `i`'s from `seed + i`; without, from a seed of its own.
 
     Returns:
         A new `MixtralBackbone` or `Qwen3MoeBackbone` with the dense
@@ -461,14 +461,13 @@ def upcycle(
 
 
 def _initial_value(initializer, variable, seed, index):
-    """Layer `index`'s router kernel, from its own copy of `initializer` (a
-    Keras random initializer, seeded or not, draws the same values at every
-    call): seeded `seed + index` (or its own seed + index), else unseeded."""
+    """Decoder layer `index`'s router kernel, drawn by its own copy of
+    `initializer`: seeded `seed + index`, else `utils.initializer_for`'s."""
     config = initializer.get_config()
-    base = seed if seed is not None else config.get("seed")
-    if "seed" in config and (base is None or utils._is_int(base)):
-        layer_seed = None if base is None else int(base) + index
-        initializer = type(initializer).from_config({**config, "seed": layer_seed})
+    if seed is not None and "seed" in config:
+        initializer = type(initializer).from_config({**config, "seed": seed + index})
+    else:
+        initializer = utils.initializer_for(initializer, f"router_{index}")
     value = initializer(tuple(variable.shape), dtype=variable.dtype)
     return keras.ops.convert_to_numpy(value)
 
