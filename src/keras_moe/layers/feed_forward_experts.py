@@ -273,8 +273,9 @@ class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
         )
 
     def expert_weight_axes(self):
-        """Weight name -> its experts axis (`keras_moe.expert_parallel_layout_map`)."""
-        return {self.weight_names[name]: 0 for name, _ in WEIGHTS}
+        """The name of each of the bank's weights -> its experts axis, 0
+        (`keras_moe.expert_parallel_layout_map`); known before `build`."""
+        return {self.weight_names[name]: 0 for name in self.weight_shapes(None)}
 
     def compute_output_shape(self, input_shape, layout=None):
         return tuple(input_shape)
