@@ -14,7 +14,6 @@ import warnings
 import keras
 
 from keras_moe import activations
-
 from keras_moe.version import __version__
 
 
