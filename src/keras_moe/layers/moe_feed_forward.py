@@ -268,6 +268,7 @@ class MoEFeedForward(saved_formats.LegacyLoading, keras.layers.Layer):
             return shared_expert
         if not options:
             return None
+        options_lib.check_shared_expert_options(options)
         experts = self.experts
         return SharedExpert(
             activation=experts.activation,

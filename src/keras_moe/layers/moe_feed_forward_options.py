@@ -190,6 +190,20 @@ def check_given(sublayer, layer, shorthand, options):
         )
 
 
+def check_shared_expert_options(options):
+    """Checks 0.2.0's shared expert options (`SharedExpert` arguments by
+    now), naming them as their user wrote them."""
+    size = options.get("intermediate_dim")
+    if size is None:
+        raise ValueError(
+            "`shared_expert_gate` gates a shared expert, which needs "
+            "`shared_intermediate_dim` (or a `SharedExpert(output_gate=True)` "
+            "passed as `shared_expert`). Received: shared_expert_gate="
+            f"{options.get('output_gate')!r}, shared_intermediate_dim=None"
+        )
+    utils.check_positive_int("shared_intermediate_dim", size)
+
+
 def expert_choice_router(cls, common, shorthand, options):
     """The `ExpertChoiceRouter` of the shorthand `routing="expert_choice"`."""
     if shorthand["capacity_factor"] is None:
