@@ -127,6 +127,7 @@ def pop_moved_options(kwargs, warn):
                 f"`MoEFeedForward({sublayer}=...)`, or a factory of "
                 "`keras_moe.blocks`",
                 removed_in="0.4.0",
+                stacklevel=3,  # the code that made the `MoEFeedForward`
             )
         if value != MOVED_DEFAULTS[old]:
             moved[sublayer][new] = value
@@ -232,6 +233,7 @@ def moved_attribute(layer, name):
         f"`MoEFeedForward.{name}`",
         f"`MoEFeedForward.{sublayer}.{attribute}`",
         removed_in="0.4.0",
+        stacklevel=3,  # the code that asked `MoEFeedForward.__getattr__`
     )
     return getattr(getattr(layer, sublayer), attribute)
 
