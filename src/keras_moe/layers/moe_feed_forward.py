@@ -277,9 +277,9 @@ class MoEFeedForward(saved_formats.LegacyLoading, keras.layers.Layer):
             activation_dtype=experts.activation_dtype,
             swiglu_limit=experts.swiglu_limit,
             swiglu_alpha=experts.swiglu_alpha,
-            kernel_initializer=utils.initializer_for(
-                experts.kernel_initializer, "shared_expert"
-            ),
+            # Its weights draw values of their own from the same initializer
+            # (`SharedExpert` keys them `up/kernel`, ...).
+            kernel_initializer=experts.kernel_initializer,
             bias_initializer=experts.bias_initializer,
             kernel_regularizer=experts.kernel_regularizer,
             bias_regularizer=experts.bias_regularizer,
