@@ -341,3 +341,18 @@ def test_the_layer_keeps_the_given_sublayers_and_builds_them_under_it():
     layer.build((None, D))
     assert bank.built and gate.built
     assert {v.path.split("/")[0] for v in layer.weights} == {"block"}
+
+
+def test_a_layer_frozen_by_its_constructor_freezes_the_given_sublayers():
+    layer = MoEFeedForward(
+        experts=FeedForwardExperts(M, E),
+        router=TopKRouter(E, balance_bias_rate=0.1),
+        shared_expert=SharedExpert(3),
+        trainable=False,
+    )
+    model = keras.Sequential([keras.Input((3, D)), layer])
+    assert model.trainable_weights == []
+    x = np.random.default_rng(5).normal(size=(4, 3, D)).astype("float32")
+    layer(x, training=True)
+    assert layer.routing_stats_mean() is None  # the sums did not move
+    np.testing.assert_array_equal(to_numpy(layer.router.balance_bias), 0.0)

@@ -264,6 +264,27 @@ def test_fit_jit_compile_statistics_and_save_load(tmp_path):
     assert restored.layers[0].get_config() == layer.get_config()
 
 
+@pytest.mark.parametrize("frozen_by", ["constructor", "attribute"])
+def test_a_frozen_layer_neither_trains_nor_moves_its_statistics(frozen_by):
+    """`SoftMoE(..., trainable=False)` froze only the layer's own weights:
+    its experts trained and its statistics moved."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(8, 4, D)).astype("float32")
+    layer = SoftMoE(M, E, trainable=frozen_by == "attribute")
+    if frozen_by == "attribute":
+        layer.trainable = False
+    model = keras.Sequential([keras.Input((4, D)), layer])
+    assert model.trainable_weights == []
+    model.compile(keras.optimizers.SGD(0.5), "mse")
+    before = [to_numpy(v).copy() for v in layer.weights]
+    model.fit(x, rng.normal(size=x.shape), batch_size=4, verbose=0)
+    for value, variable in zip(before, layer.weights):
+        if variable.name in ("expert_load", "router_entropy", "dropped_fraction"):
+            continue  # the last call's values still report
+        np.testing.assert_array_equal(to_numpy(variable), value, variable.path)
+    assert layer.routing_stats_mean() is None
+
+
 def test_config_round_trip():
     layer = SoftMoE(
         M,

@@ -165,6 +165,11 @@ class SoftMoE(saved_formats.LegacyLoading, keras.layers.Layer):
             name="experts",
         )
         self.statistics = RoutingStatistics(self.n_experts, name="statistics")
+        if not self.trainable:
+            # Frozen by its constructor, before its sublayers were made: its
+            # experts do not train and its statistics do not move.
+            self.experts.trainable = False
+            self.statistics.trainable = False
         self.input_spec = keras.layers.InputSpec(ndim=3)
         self.supports_masking = True
 
