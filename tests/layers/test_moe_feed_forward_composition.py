@@ -356,3 +356,20 @@ def test_a_layer_frozen_by_its_constructor_freezes_the_given_sublayers():
     layer(x, training=True)
     assert layer.routing_stats_mean() is None  # the sums did not move
     np.testing.assert_array_equal(to_numpy(layer.router.balance_bias), 0.0)
+
+
+def test_the_output_has_the_blocks_dtype_whatever_the_sublayers_compute_in():
+    """Sublayers given with the default float32 policy in a mixed block:
+    they compute in float32, the block's output is in its compute dtype, as
+    its symbolic output says (it was float32 eagerly, bfloat16 symbolically)."""
+    layer = MoEFeedForward(
+        experts=FeedForwardExperts(M, E),
+        router=TopKRouter(E),
+        shared_expert=SharedExpert(3),
+        dtype="mixed_bfloat16",
+    )
+    x = np.random.default_rng(6).normal(size=(2, 3, D)).astype("float32")
+    y = layer(x)
+    assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
+    assert layer(keras.Input((3, D))).dtype == "bfloat16"
+    assert layer.experts.compute_dtype == "float32"

@@ -36,7 +36,9 @@ class MoEFeedForward(saved_formats.LegacyLoading, keras.layers.Layer):
     instances, or give the shorthand arguments (`intermediate_dim`,
     `n_experts`, `top_k`, ...) and the block builds them. The published
     models' blocks (Mixtral, Qwen MoE, GPT-OSS, Gemma 4) are made by the
-    factories of `keras_moe.blocks`.
+    factories of `keras_moe.blocks`. A sublayer given as a layer keeps its
+    own dtype policy (give it the block's `dtype`); the block's output is in
+    its own compute dtype.
 
     Args:
         intermediate_dim: Positive integer, hidden size `m` of each expert
@@ -341,6 +343,9 @@ class MoEFeedForward(saved_formats.LegacyLoading, keras.layers.Layer):
             if mask is not None:
                 shared = ops.where(ops.expand_dims(mask, -1), shared, 0)
             outputs = outputs + ops.cast(shared, outputs.dtype)
+        # In the block's compute dtype, whatever dtype policy given sublayers
+        # compute in (as `compute_output_spec` says).
+        outputs = ops.cast(outputs, self.compute_dtype)
         return ops.reshape(outputs, ops.shape(inputs))
 
     @property
