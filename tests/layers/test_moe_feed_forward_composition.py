@@ -373,3 +373,10 @@ def test_the_output_has_the_blocks_dtype_whatever_the_sublayers_compute_in():
     assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
     assert layer(keras.Input((3, D))).dtype == "bfloat16"
     assert layer.experts.compute_dtype == "float32"
+
+
+def test_the_experts_count_of_a_given_router():
+    layer = MoEFeedForward(M, router=TopKRouter(E, top_k=1))
+    assert layer.experts.n_experts == layer.n_experts == E
+    assert layer.experts.intermediate_dim == M
+    assert tuple(layer(np.ones((2, D), "float32")).shape) == (2, D)

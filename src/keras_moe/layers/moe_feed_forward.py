@@ -44,7 +44,8 @@ class MoEFeedForward(saved_formats.LegacyLoading, keras.layers.Layer):
         intermediate_dim: Positive integer, hidden size `m` of each expert
             (shorthand for `experts`).
         n_experts: Positive integer, number of experts `E` (shorthand; with
-            `experts` or `router` given, it must agree with them).
+            `experts` or `router` given, it must agree with them, and it is
+            theirs when omitted).
         top_k: Integer from 1 to `n_experts`, experts per token (shorthand
             for `router`; the average for expert choice).
         activation: Activation of the experts' hidden layer (a Keras
@@ -194,7 +195,7 @@ class MoEFeedForward(saved_formats.LegacyLoading, keras.layers.Layer):
             bias_initializer=bias_initializer,
             router_initializer=router_initializer,
         )
-        self.experts = self._experts_layer(experts, shorthand, moved["experts"])
+        self.experts = self._experts_layer(experts, router, shorthand, moved["experts"])
         self.router = self._router_layer(router, shorthand, moved["router"])
         self.shared_expert = self._shared_expert_layer(
             shared_expert, shorthand, moved["shared_expert"]
@@ -207,13 +208,16 @@ class MoEFeedForward(saved_formats.LegacyLoading, keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
 
-    def _experts_layer(self, experts, shorthand, options):
+    def _experts_layer(self, experts, router, shorthand, options):
         if experts is not None:
             options_lib.check_given("experts", experts, shorthand, options)
             return experts
+        n_experts = shorthand["n_experts"]
+        if n_experts is None and isinstance(router, BaseRouter):
+            n_experts = router.n_experts
         return FeedForwardExperts(
             options_lib.required("intermediate_dim", shorthand["intermediate_dim"]),
-            options_lib.required("n_experts", shorthand["n_experts"]),
+            options_lib.required("n_experts", n_experts),
             activation=shorthand["activation"],
             gated=shorthand["gated"],
             use_bias=shorthand["use_bias"],
