@@ -14,6 +14,8 @@ from keras_moe import Conv2DMoE
 from keras_moe import Conv3DMoE
 from keras_moe import DenseMoE
 from keras_moe import MoEFeedForward
+from keras_moe import SoftMoE
+from keras_moe import blocks
 from keras_moe import compat
 from keras_moe.callbacks import ExpertUsage
 from tests.conftest import to_numpy
@@ -31,6 +33,17 @@ LAYERS = {
         lambda: MoEFeedForward(5, 4, top_k=1, capacity_factor=0.5),
         (3, 6),
     ),
+    "feed_forward_expert_choice": (
+        lambda: MoEFeedForward(
+            5, 4, top_k=2, routing="expert_choice", capacity_factor=1.0
+        ),
+        (3, 6),
+    ),
+    "feed_forward_qwen_moe": (
+        lambda: blocks.qwen_moe(5, 4, top_k=2, shared_intermediate_dim=3),
+        (3, 6),
+    ),
+    "soft_moe": (lambda: SoftMoE(5, 4, slots_per_expert=2), (3, 6)),
     "conv1d_flatten": (lambda: Conv1DMoE(3, 2, 3, padding="causal"), (7, 2)),
     "conv2d_pooled": (lambda: Conv2DMoE(3, 2, 3, gating_input="pooled"), (5, 5, 2)),
     "conv2d_pooled_mixed_kernel": (

@@ -120,9 +120,9 @@ def test_mixed_kernel_path_needs_about_one_kth_of_the_experts_flops():
     k, shape = 8, (4, 16, 16, 8)
     kwargs = {"padding": "same", "gating_input": "pooled"}
     mixed = conv_forward_flops(Conv2DMoE(16, k, 3, **kwargs), shape)
-    general_layer = Conv2DMoE(16, k, 3, **kwargs)
-    general_layer._mixed_kernel = False
-    general = conv_forward_flops(general_layer, shape)
+    general = conv_forward_flops(
+        Conv2DMoE(16, k, 3, mixed_kernel=False, **kwargs), shape
+    )
     assert mixed <= 1.25 * general / k, (mixed, general)
 
 

@@ -32,9 +32,25 @@ def _examples():
 EXAMPLES = _examples()
 
 
+PUBLIC = (
+    "DenseMoE",
+    "Conv1DMoE",
+    "Conv2DMoE",
+    "Conv3DMoE",
+    "MoEFeedForward",
+    "SoftMoE",
+    "FeedForwardExperts",
+    "SharedExpert",
+    "TopKRouter",
+    "ExpertChoiceRouter",
+    "RoutingStatistics",
+)
+
+
 def test_the_public_layers_have_examples():
-    for name in ("DenseMoE", "Conv1DMoE", "Conv2DMoE", "Conv3DMoE", "MoEFeedForward"):
+    for name in PUBLIC:
         assert any(key.endswith(f".{name}") for key in EXAMPLES), name
+    assert "keras_moe.blocks" in EXAMPLES  # the factories' module
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))

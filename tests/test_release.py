@@ -285,6 +285,18 @@ def test_warn_deprecated_names_the_replacement_and_the_removal():
     assert (record[0].filename, record[0].lineno) == (__file__, line)
 
 
+def test_warn_deprecated_keeps_a_phrase_with_its_own_code():
+    """A phrase that sets its names in backticks is not set in more."""
+    with pytest.warns(DeprecationWarning) as record:
+        utils.warn_deprecated(
+            "`Layer(old=...)`", "`New(new=...)` passed as `Layer(part=...)`", "9.0.0"
+        )
+    assert str(record[0].message) == (
+        "`Layer(old=...)` is deprecated and will be removed in keras-moe 9.0.0. "
+        "Use `New(new=...)` passed as `Layer(part=...)` instead."
+    )
+
+
 class RenamedArgument(keras.layers.Layer):
     """A layer whose `old_units` became `units`, as a renamed argument goes."""
 

@@ -26,6 +26,7 @@ from keras_moe import Conv3DMoE
 from keras_moe import DenseMoE
 from keras_moe import MoEFeedForward
 from keras_moe import routing
+from keras_moe.layers import FeedForwardExperts
 from keras_moe.routing import TopKRouter
 from tests.conftest import to_numpy
 from tests.layers.test_conv_moe import np_conv
@@ -152,11 +153,17 @@ def sparse_layer(kind, policy, extra):
         return DenseMoE(
             5, 4, top_k=2, capacity_factor=1.0, normalize_top_k=False, **common
         )
-    if kind == "MoEFeedForward":
-        return MoEFeedForward(8, 4, top_k=2, gated=True, router_bias=True, **common)
-    if kind == "MoEFeedForward-softmax-first":
-        return MoEFeedForward(8, 4, top_k=2, softmax_before_top_k=True, **common)
-    return MoEFeedForward(8, 4, top_k=1, **common)
+    experts = {"gated": kind == "MoEFeedForward"}
+    router = {
+        "MoEFeedForward": {"top_k": 2, "use_bias": True},
+        "MoEFeedForward-softmax-first": {"top_k": 2, "softmax_before_top_k": True},
+        "MoEFeedForward-top1": {"top_k": 1},
+    }[kind]
+    return MoEFeedForward(
+        experts=FeedForwardExperts(8, 4, dtype=policy, **experts),
+        router=TopKRouter(4, **router, **common),
+        dtype=policy,
+    )
 
 
 SPARSE_KINDS = [
@@ -194,7 +201,9 @@ def test_sparse_router_logits_weights_and_losses_are_float32(kind, policy, setti
     router = layer if kind == "TopKRouter" else layer.router
     assert dtype_of(router.kernel.value) == "float32"  # no autocast
     if not extra:
-        assert layer.get_config()["router_dtype"] == "float32"
+        assert router.get_config()["router_dtype"] == "float32"
+        if isinstance(layer, DenseMoE):
+            assert layer.get_config()["router_dtype"] == "float32"
     logits_spy = Spy(router.logits)
     router.logits = logits_spy
     captured = {}
@@ -254,7 +263,11 @@ def test_sparse_router_logits_weights_and_losses_are_float32(kind, policy, setti
 @pytest.mark.parametrize("policy", POLICIES)
 def test_noisy_router_logits_are_float32(policy):
     """With noise (training only), the noisy logits are float32 too."""
-    layer = MoEFeedForward(8, 4, noisy_gating=True, seed=3, dtype=policy)
+    layer = MoEFeedForward(
+        experts=FeedForwardExperts(8, 4, dtype=policy),
+        router=TopKRouter(4, noisy_gating=True, seed=3, dtype=policy),
+        dtype=policy,
+    )
     layer.build((None, 6))
     randomize(layer, np.random.default_rng(1))
     spy = Spy(layer.router.logits)

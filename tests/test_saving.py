@@ -10,16 +10,19 @@ import textwrap
 import zipfile
 
 import keras
-
-import keras_moe
 import numpy as np
 import pytest
 
+import keras_moe
 from keras_moe import Conv1DMoE
 from keras_moe import Conv2DMoE
 from keras_moe import Conv3DMoE
 from keras_moe import DenseMoE
 from keras_moe import MoEFeedForward
+from keras_moe import SoftMoE
+from keras_moe import blocks
+from keras_moe.layers import FeedForwardExperts
+from keras_moe.routing import TopKRouter
 from tests.conftest import REPO
 from tests.conftest import to_numpy
 
@@ -27,7 +30,9 @@ from tests.conftest import to_numpy
 MODEL_SOURCE = textwrap.dedent(
     """
     import keras
-    from keras_moe import Conv1DMoE, Conv2DMoE, Conv3DMoE, DenseMoE
+    from keras_moe import Conv1DMoE, Conv2DMoE, Conv3DMoE, DenseMoE, MoEFeedForward
+    from keras_moe.layers import FeedForwardExperts, SharedExpert
+    from keras_moe.routing import TopKRouter
 
     def all_layers_model():
         inputs = keras.Input((4, 4, 4, 2))
@@ -40,8 +45,17 @@ MODEL_SOURCE = textwrap.dedent(
         x = keras.layers.Reshape((12, 8))(x)
         x = Conv1DMoE(2, 2, 3, padding="causal", dilation_rate=2,
                       expert_activation="tanh", use_gating_bias=False)(x)
-        outputs = DenseMoE(3, 2, gating_activation="softmax",
-                           expert_bias_initializer="ones")(x)
+        x = DenseMoE(3, 2, gating_activation="softmax",
+                     expert_bias_initializer="ones")(x)
+        # Composed of sublayers with other options than the shorthand's.
+        outputs = MoEFeedForward(
+            experts=FeedForwardExperts(4, 4, gated=True,
+                                       gate_up_layout="interleaved",
+                                       swiglu_limit=7.0, output_scale=True),
+            router=TopKRouter(4, top_k=2, use_bias=True, normalize_top_k=False,
+                              softmax_before_top_k=True),
+            shared_expert=SharedExpert(3, gated=True, output_gate=True),
+        )(x)
         return keras.Model(inputs, outputs)
     """
 )
@@ -78,12 +92,24 @@ EVERY_LAYER = {
         ),
         (2, 3, 4),
     ),
-    "feed_forward": (
+    "feed_forward": (lambda: MoEFeedForward(8, 4, gated=True), (2, 3, 4)),
+    "feed_forward_composed": (
         lambda: MoEFeedForward(
-            8, 4, gated=True, router_bias=True, normalize_top_k=False
+            experts=FeedForwardExperts(8, 4, gated=True, use_gate_bias=True),
+            router=TopKRouter(4, use_bias=True, normalize_top_k=False),
         ),
         (2, 3, 4),
     ),
+    "feed_forward_expert_choice": (
+        lambda: MoEFeedForward(8, 4, routing="expert_choice", capacity_factor=1.0),
+        (2, 3, 4),
+    ),
+    "feed_forward_gemma4": (lambda: blocks.gemma4(8, 4), (2, 3, 4)),
+    "feed_forward_qwen_moe": (
+        lambda: blocks.qwen_moe(8, 4, shared_intermediate_dim=5),
+        (2, 3, 4),
+    ),
+    "soft_moe": (lambda: SoftMoE(8, 4, slots_per_expert=2), (2, 3, 4)),
     "conv1d_flatten": (
         lambda: Conv1DMoE(
             2,
@@ -239,6 +265,7 @@ def test_keras_file_saved_on_jax_loads_here(jax_saved_model):
         Conv2DMoE,
         Conv3DMoE,
         DenseMoE,
+        MoEFeedForward,
     }
     y = to_numpy(model.predict(io["x"], verbose=0))
     np.testing.assert_allclose(y, io["y"], rtol=1e-5, atol=1e-5)

@@ -137,3 +137,55 @@ def test_getters_name_the_argument(getter, name, value):
         ValueError, match=rf"`{name}` must be.*Received: {name}={value!r}"
     ):
         getter(name, value)
+
+
+def test_check_top_k():
+    assert utils.check_top_k(np.int64(2), 4) == 2
+    assert type(utils.check_top_k(4, 4)) is int
+    with pytest.raises(
+        ValueError,
+        match=r"`top_k` must be an integer from 1 to `n_experts`. "
+        r"Received: top_k=5, n_experts=4",
+    ):
+        utils.check_top_k(5, 4)
+    with pytest.raises(ValueError, match=r"`top_k`.*Received: top_k=0"):
+        utils.check_top_k(0, 4)
+    with pytest.raises(TypeError, match=r"`top_k`.*Received: top_k=1.5"):
+        utils.check_top_k(1.5, 4)
+
+
+def test_check_optional_positive_float_and_seed():
+    assert utils.check_optional_positive_float("capacity_factor", None) is None
+    assert utils.check_optional_positive_float("capacity_factor", 2) == 2.0
+    with pytest.raises(ValueError, match=r"Received: capacity_factor=0.0"):
+        utils.check_optional_positive_float("capacity_factor", 0.0)
+    assert utils.check_optional_seed(None) is None
+    assert utils.check_optional_seed(0) == 0
+    with pytest.raises(ValueError, match=r"`seed`.*Received: seed=-1"):
+        utils.check_optional_seed(-1)
+    with pytest.raises(TypeError, match=r"`seed`.*Received: seed=1.5"):
+        utils.check_optional_seed(1.5)
+
+
+def test_check_same():
+    utils.check_same("n_experts", 4, None)  # not given: nothing to compare
+    utils.check_same("n_experts", 4, 4)
+    with pytest.raises(
+        ValueError,
+        match=r"`n_experts` must agree with the given sublayers, which have "
+        r"n_experts=4. Received: n_experts=3",
+    ):
+        utils.check_same("n_experts", 4, 3)
+
+
+def test_get_activation_knows_keras_moes_activations():
+    gelu_tanh = utils.get_activation("activation", "gelu_tanh")
+    x = np.linspace(-3.0, 3.0, 13).astype("float32")
+    expected = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(gelu_tanh(x)), expected, rtol=1e-5, atol=1e-6
+    )
+    # It serialises by its name and comes back as the same function.
+    name = keras.activations.serialize(gelu_tanh)
+    assert utils.get_activation("activation", name) is gelu_tanh
+    assert keras.activations.deserialize(name) is gelu_tanh

@@ -14,7 +14,6 @@ import warnings
 import keras
 
 from keras_moe import activations
-
 from keras_moe.version import __version__
 
 
@@ -236,6 +235,11 @@ def _check_name(name, value):
         )
 
 
+def _code(text):
+    """`text` in backticks, unless it sets its own code in backticks."""
+    return text if "`" in text else f"`{text}`"
+
+
 def warn_deprecated(old, new, removed_in, stacklevel=2):
     """Warns that `old` is deprecated in favour of `new`, gone in `removed_in`.
 
@@ -245,8 +249,10 @@ def warn_deprecated(old, new, removed_in, stacklevel=2):
 
     Args:
         old: The deprecated name or argument, as the user writes it
-            (`"MoEFeedForward(router_bias=...)"`, `"routing.SparseRouter"`).
-        new: What to write instead.
+            (`"MoEFeedForward(router_bias=...)"`, `"routing.SparseRouter"`),
+            set in backticks; or a phrase that sets its own names in
+            backticks, as it is.
+        new: What to write instead, the same way.
         removed_in: The `MAJOR.MINOR.PATCH` version that removes `old`: later
             than the running version (a deprecation whose version has come is
             removed, not kept warning).
@@ -270,8 +276,8 @@ def warn_deprecated(old, new, removed_in, stacklevel=2):
             f"should no longer have `{old}`. Received: removed_in={removed_in!r}"
         )
     warnings.warn(
-        f"`{old}` is deprecated and will be removed in keras-moe {removed_in}. "
-        f"Use `{new}` instead.",
+        f"{_code(old)} is deprecated and will be removed in keras-moe "
+        f"{removed_in}. Use {_code(new)} instead.",
         DeprecationWarning,
         stacklevel=stacklevel + 1,
     )

@@ -113,6 +113,26 @@ def randomize(layer, rng):
     return weights
 
 
+def convolutions(monkeypatch):
+    """A list that records each `keras.ops.conv` call from now on: the
+    mixed-kernel path runs none for the experts (`mixed_kernel_outputs`),
+    the general path one."""
+    calls = []
+    original = keras.ops.conv
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(keras.ops, "conv", counting)
+    return calls
+
+
+def general_path_convolutions(mode):
+    """Convolutions of the general path: the experts' (and the local gates')."""
+    return 2 if mode == "local" else 1
+
+
 def make_input(rank, data_format, rng, shape=None):
     x = rng.normal(size=shape or SHAPES[rank]).astype("float32")
     return np.moveaxis(x, -1, 1) if data_format == "channels_first" else x
@@ -128,7 +148,9 @@ MODES = [("flatten", "relu"), ("pooled", "relu"), ("pooled", None), ("local", "r
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("rank,padding", PADDINGS)
 @pytest.mark.parametrize("mode,expert_activation", MODES)
-def test_matches_numpy_reference(mode, expert_activation, rank, padding, data_format):
+def test_matches_numpy_reference(
+    monkeypatch, mode, expert_activation, rank, padding, data_format
+):
     kwargs = dict(
         gating_input=mode,
         expert_activation=expert_activation,
@@ -136,15 +158,24 @@ def test_matches_numpy_reference(mode, expert_activation, rank, padding, data_fo
         padding=padding,
         data_format=data_format,
     )
+    # The mixed-kernel path wherever it applies, whatever the sizes.
+    mixed = mode == "pooled" and not expert_activation
     rng = np.random.default_rng(rank)
-    layer = LAYERS[rank](N_FILTERS, N_EXPERTS, 3 if rank < 3 else 2, **kwargs)
-    layer._mixed_kernel = True  # wherever it applies, whatever the sizes
+    layer = LAYERS[rank](
+        N_FILTERS,
+        N_EXPERTS,
+        3 if rank < 3 else 2,
+        mixed_kernel=True if mixed else None,
+        **kwargs,
+    )
     x = make_input(rank, data_format, rng)
     layer.build(x.shape)
     weights = randomize(layer, rng)
-    assert layer._uses_mixed_kernel(x) == (mode == "pooled" and not expert_activation)
+    calls = convolutions(monkeypatch)
+    y = to_numpy(layer(x))
+    assert len(calls) == (0 if mixed else general_path_convolutions(mode))
     np.testing.assert_allclose(
-        to_numpy(layer(x)), reference(x, weights, kwargs, rank), rtol=1e-4, atol=1e-5
+        y, reference(x, weights, kwargs, rank), rtol=1e-4, atol=1e-5
     )
 
 
@@ -169,8 +200,10 @@ def test_strides_and_dilation_match_numpy_reference(
         **geometry,
     )
     rng = np.random.default_rng(7)
-    layer = LAYERS[rank](N_FILTERS, N_EXPERTS, 2, **kwargs)
-    layer._mixed_kernel = True
+    mixed = mode == "pooled" and not expert_activation
+    layer = LAYERS[rank](
+        N_FILTERS, N_EXPERTS, 2, mixed_kernel=True if mixed else None, **kwargs
+    )
     x = make_input(rank, "channels_last", rng)
     layer.build(x.shape)
     weights = randomize(layer, rng)
@@ -179,82 +212,97 @@ def test_strides_and_dilation_match_numpy_reference(
     )
 
 
-def test_mixed_kernel_path_equals_the_general_path():
-    rng = np.random.default_rng(3)
-    x = rng.normal(size=(3, 9, 8, 4)).astype("float32")
-    layer = Conv2DMoE(5, 3, 3, padding="same", gating_input="pooled")
-    layer.build(x.shape)
+def pooled_pair(n_experts, mixed_kernel, shape, seed):
+    """Two `Conv2DMoE` with "pooled" gates and the same weights: one with
+    `mixed_kernel`, one with the general path (`mixed_kernel=False`)."""
+    rng = np.random.default_rng(seed)
+    kwargs = {"padding": "same", "gating_input": "pooled"}
+    layer = Conv2DMoE(5, n_experts, 3, mixed_kernel=mixed_kernel, **kwargs)
+    general = Conv2DMoE(5, n_experts, 3, mixed_kernel=False, **kwargs)
+    layer.build(shape)
+    general.build(shape)
     randomize(layer, rng)
-    layer._mixed_kernel = True
-    assert layer._uses_mixed_kernel(x)
+    general.set_weights(layer.get_weights())
+    if None in shape:
+        return layer, general, None
+    return layer, general, rng.normal(size=shape).astype("float32")
+
+
+def test_mixed_kernel_path_equals_the_general_path(monkeypatch):
+    layer, general, x = pooled_pair(3, True, (3, 9, 8, 4), seed=3)
+    calls = convolutions(monkeypatch)
     mixed = to_numpy(layer(x))
-    layer._mixed_kernel = False
-    assert not layer._uses_mixed_kernel(x)
-    np.testing.assert_allclose(mixed, to_numpy(layer(x)), rtol=1e-5, atol=1e-5)
+    assert calls == []
+    np.testing.assert_allclose(mixed, to_numpy(general(x)), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize(
-    "kwargs,input_shape,expected",
+    "kwargs",
     [
-        (dict(), (None, 5, 5, 32), True),
-        (dict(expert_activation="relu"), (None, 5, 5, 32), False),
-        (dict(gating_input="local"), (None, 5, 5, 32), False),
-        (dict(gating_input="flatten"), (None, 5, 5, 32), False),
-        (dict(), (None, None, 5, 32), False),
+        dict(expert_activation="relu"),
+        dict(gating_input="local"),
+        dict(gating_input="flatten"),
     ],
 )
-def test_mixed_kernel_path_applies_only_to_linear_experts_with_pooled_gates(
-    kwargs, input_shape, expected
-):
+def test_mixed_kernel_needs_linear_experts_with_pooled_gates(kwargs):
     kwargs = {"gating_input": "pooled", **kwargs}
-    layer = Conv2DMoE(2, 4, 3, **kwargs)
-    x = keras.KerasTensor(input_shape)
-    # Automatic: off below 8 experts per filter, where it measured slower.
-    assert not layer._uses_mixed_kernel(x)
-    layer._mixed_kernel = True
-    assert layer._uses_mixed_kernel(x) == expected
-    # On by default from 8 experts per filter, where it measured faster.
+    with pytest.raises(
+        ValueError,
+        match=r"`mixed_kernel=True` mixes the experts' kernels, which needs "
+        r"linear experts.*Received: mixed_kernel=True",
+    ):
+        Conv2DMoE(2, 4, 3, mixed_kernel=True, **kwargs)
+    # Automatic, these layers take the general path (no error).
     many = Conv2DMoE(2, base_conv_moe.MIXED_KERNEL_MIN_EXPERTS, 3, **kwargs)
-    assert many._uses_mixed_kernel(x) == expected
-    many._mixed_kernel = False
-    assert not many._uses_mixed_kernel(x)
+    assert many.mixed_kernel is None
 
 
-def test_default_path_with_many_experts_equals_the_general_path():
-    """The mixed-kernel path the layer takes by itself (8 experts per filter)
-    against the general path (checked against NumPy above)."""
-    rng = np.random.default_rng(11)
-    x = rng.normal(size=(2, 7, 6, 4)).astype("float32")
-    n_experts = base_conv_moe.MIXED_KERNEL_MIN_EXPERTS
-    layer = Conv2DMoE(3, n_experts, 3, padding="same", gating_input="pooled")
-    layer.build(x.shape)
-    randomize(layer, rng)
-    assert layer._uses_mixed_kernel(x)
-    default = to_numpy(layer(x))
-    layer._mixed_kernel = False
-    np.testing.assert_allclose(default, to_numpy(layer(x)), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize(
+    "n_experts, mixed_kernel, mixed",
+    [
+        # Automatic: off below 8 experts per filter, where it measured
+        # slower, on from 8, where it measured faster.
+        (base_conv_moe.MIXED_KERNEL_MIN_EXPERTS - 1, None, False),
+        (base_conv_moe.MIXED_KERNEL_MIN_EXPERTS, None, True),
+        (base_conv_moe.MIXED_KERNEL_MIN_EXPERTS, False, False),
+        (2, True, True),
+    ],
+)
+def test_which_path_runs(monkeypatch, n_experts, mixed_kernel, mixed):
+    """The path the layer takes by itself or as told, against the general
+    path (checked against NumPy above)."""
+    layer, general, x = pooled_pair(n_experts, mixed_kernel, (2, 7, 6, 4), seed=11)
+    calls = convolutions(monkeypatch)
+    y = to_numpy(layer(x))
+    assert len(calls) == (0 if mixed else 1)
+    np.testing.assert_allclose(y, to_numpy(general(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_kernel_with_undefined_spatial_sizes():
+    """Built for any spatial size, `mixed_kernel=True` gives the general
+    path's outputs at every size (the mixed kernel where a trace knows the
+    sizes, the general path where it does not, as in TensorFlow's graphs)."""
+    layer, general, _ = pooled_pair(4, True, (None, None, None, 4), seed=5)
+    inputs = keras.Input((None, None, 4))
+    model = keras.Model(inputs, [layer(inputs), general(inputs)])
+    for size in ((5, 6), (8, 3)):
+        x = np.random.default_rng(0).normal(size=(2,) + size + (4,))
+        y, expected = model.predict(x.astype("float32"), verbose=0)
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- harness
 
 
-@keras.saving.register_keras_serializable(package="keras_moe_tests")
-class MixedKernelConv2DMoE(Conv2DMoE):
-    """`Conv2DMoE` with the mixed-kernel path on, for Keras's harness."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._mixed_kernel = True
-
-
 class ConvGatingLayerTest(testing.TestCase):
-    def run_mode(self, mode, expert_activation, rank=2, layer_cls=None):
+    def run_mode(self, mode, expert_activation, rank=2, **kwargs):
         # run_layer_test includes symbolic and eager calls, serialisation, a
         # training step and the mixed-precision check.
         shape = SHAPES[rank]
         out = (2, 4, 3) if rank == 2 else (2, 5)
         self.run_layer_test(
-            layer_cls or LAYERS[rank],
+            LAYERS[rank],
             init_kwargs={
                 "n_filters": 4,
                 "n_experts_per_filter": 4,
@@ -262,6 +310,7 @@ class ConvGatingLayerTest(testing.TestCase):
                 "gating_input": mode,
                 "expert_activation": expert_activation,
                 "gating_activation": "softmax",
+                **kwargs,
             },
             input_shape=shape,
             expected_output_shape=out + (4,),
@@ -281,7 +330,7 @@ class ConvGatingLayerTest(testing.TestCase):
         self.run_mode("pooled", None)
 
     def test_pooled_linear_experts_mixed_kernel(self):
-        self.run_mode("pooled", None, layer_cls=MixedKernelConv2DMoE)
+        self.run_mode("pooled", None, mixed_kernel=True)
 
     def test_local(self):
         self.run_mode("local", "relu")
@@ -474,12 +523,25 @@ def test_bad_gating_input(value, error):
 @pytest.mark.parametrize("rank", [1, 2, 3])
 @pytest.mark.parametrize("mode", ["flatten", "pooled", "local"])
 def test_config_round_trip(rank, mode):
-    layer = LAYERS[rank](4, 2, 3, gating_input=mode, padding="same")
+    mixed_kernel = True if mode == "pooled" else False
+    layer = LAYERS[rank](
+        4, 2, 3, gating_input=mode, padding="same", mixed_kernel=mixed_kernel
+    )
     config = layer.get_config()
     assert config["gating_input"] == mode
+    assert config["mixed_kernel"] is mixed_kernel
     clone = LAYERS[rank].from_config(config)
     assert clone.gating_input == mode
+    assert clone.mixed_kernel is mixed_kernel
     assert clone.get_config() == config
+
+
+@pytest.mark.parametrize("value", [1, "yes"])
+def test_bad_mixed_kernel(value):
+    with pytest.raises(
+        TypeError, match=rf"`mixed_kernel` must be a bool.*mixed_kernel={value!r}"
+    ):
+        Conv2DMoE(2, 2, 3, gating_input="pooled", mixed_kernel=value)
 
 
 def test_default_is_the_original_flatten_gating():

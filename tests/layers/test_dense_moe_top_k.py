@@ -57,7 +57,8 @@ class DenseMoETopKLayerTest(testing.TestCase):
             input_shape=(2, 3, 5),
             expected_output_shape=(2, 3, 3),
             expected_num_trainable_weights=4,
-            expected_num_non_trainable_weights=2,
+            # The router's statistics: last values, their sums, the steps.
+            expected_num_non_trainable_weights=7,
             expected_num_seed_generators=0,
             expected_num_losses=0,
             supports_masking=True,
@@ -77,7 +78,7 @@ class DenseMoETopKLayerTest(testing.TestCase):
             input_shape=(4, 5),
             expected_output_shape=(4, 3),
             expected_num_trainable_weights=4,
-            expected_num_non_trainable_weights=2,
+            expected_num_non_trainable_weights=7,
             expected_num_seed_generators=1,
             expected_num_losses=0,
             supports_masking=True,

@@ -16,7 +16,8 @@ from keras_moe import DenseMoE
 from keras_moe import MoEFeedForward
 from keras_moe import SoftMoE
 from keras_moe import utils
-from keras_moe.layers.shared_expert import SharedExpert
+from keras_moe.layers import FeedForwardExperts
+from keras_moe.layers import SharedExpert
 from keras_moe.routing import ExpertChoiceRouter
 from keras_moe.routing import TopKRouter
 from tests.conftest import to_numpy
@@ -35,6 +36,42 @@ def moe_ff(kernel, bias, **kwargs):
         **kwargs,
     )
     return layer, (None, D)
+
+
+def composed(kernel, bias, shared_expert=False, **experts):
+    """`MoEFeedForward` of given sublayers, one kernel initializer instance
+    for all of them."""
+    layer = MoEFeedForward(
+        experts=FeedForwardExperts(
+            M,
+            E,
+            kernel_initializer=kernel,
+            bias_initializer=bias,
+            name="experts",
+            **experts,
+        ),
+        router=TopKRouter(E, kernel_initializer=kernel, name="router"),
+        shared_expert=(
+            SharedExpert(
+                M,
+                gated=True,
+                output_gate=True,
+                kernel_initializer=kernel,
+                bias_initializer=bias,
+                name="shared_expert",
+            )
+            if shared_expert
+            else None
+        ),
+    )
+    return layer, (None, D)
+
+
+def feed_forward_experts(kernel, bias, **kwargs):
+    layer = FeedForwardExperts(
+        M, E, kernel_initializer=kernel, bias_initializer=bias, **kwargs
+    )
+    return layer, (None, E, 3, D)
 
 
 def soft_moe(kernel, bias):
@@ -91,16 +128,17 @@ def expert_choice_router(kernel, bias):
 
 CASES = {
     "moe_ff": moe_ff,
-    "moe_ff_gated": lambda k, b: moe_ff(k, b, gated=True, gate_bias=True),
-    "moe_ff_fused": lambda k, b: moe_ff(
+    "moe_ff_gated": lambda k, b: moe_ff(k, b, gated=True),
+    "moe_ff_gate_bias": lambda k, b: composed(k, b, gated=True, use_gate_bias=True),
+    "moe_ff_fused": lambda k, b: composed(
         k, b, gated=True, gate_up_layout="concatenated"
     ),
-    "moe_ff_shared_expert": lambda k, b: moe_ff(
-        k,
-        b,
-        gated=True,
-        shared_intermediate_dim=M,
-        shared_expert_gate=True,
+    "moe_ff_shared_expert": lambda k, b: composed(k, b, shared_expert=True, gated=True),
+    "feed_forward_experts": lambda k, b: feed_forward_experts(
+        k, b, gated=True, use_gate_bias=True
+    ),
+    "feed_forward_experts_interleaved": lambda k, b: feed_forward_experts(
+        k, b, gated=True, gate_up_layout="interleaved", output_scale=True
     ),
     "soft_moe": soft_moe,
     "shared_expert": shared_expert,
@@ -141,8 +179,10 @@ def initializer_of(layer, name):
     layer's own, for `DenseMoE`'s and `Conv2DMoE`'s kernels)."""
     if isinstance(layer, (DenseMoE, Conv2DMoE)):
         return layer.expert_bias_initializer if name.endswith("bias") else None
-    if name.startswith("router") and isinstance(layer, MoEFeedForward):
-        return layer.router_initializer
+    if isinstance(layer, MoEFeedForward):
+        # The sublayer's: `experts/up_kernel`, `router/kernel`, ...
+        sublayer, name = name.split("/", 1)
+        return initializer_of(getattr(layer, sublayer), name)
     if isinstance(layer, (TopKRouter, ExpertChoiceRouter)):
         return layer.kernel_initializer
     if isinstance(layer, SoftMoE) and name == "router_kernel":

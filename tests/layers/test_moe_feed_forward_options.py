@@ -1,7 +1,7 @@
 """MoEFeedForward's options for the published models' blocks, beyond the
 NumPy-reference cases of test_moe_feed_forward.py: the router's own
 normalised input, jitter, the shared expert under a mask, `gelu_tanh`, fused
-weights, `router_dtype` (also on DenseMoE)."""
+weights, the router's `router_dtype` (also on DenseMoE)."""
 
 import keras
 import numpy as np
@@ -9,6 +9,9 @@ import pytest
 from keras import ops
 
 from keras_moe import MoEFeedForward
+from keras_moe.layers import FeedForwardExperts
+from keras_moe.layers import SharedExpert
+from keras_moe.routing import TopKRouter
 from tests.conftest import to_numpy
 from tests.layers.test_moe_feed_forward import D
 from tests.layers.test_moe_feed_forward import E
@@ -26,7 +29,8 @@ def test_router_inputs_and_their_normalisation():
     x = rng.normal(size=(2, 5, D)).astype("float32")
     hidden = rng.normal(size=(2, 5, D)).astype("float32") * 3.0
     layer = MoEFeedForward(
-        M, E, gated=True, router_input_norm=True, router_norm_epsilon=1e-3
+        experts=FeedForwardExperts(M, E, gated=True),
+        router=TopKRouter(E, input_norm=True, norm_epsilon=1e-3),
     )
     layer.build(x.shape)
     randomize(layer)
@@ -62,7 +66,7 @@ def test_router_jitter_noise_in_training_only():
 def test_masked_tokens_get_no_shared_expert_either():
     x = np.random.default_rng(13).normal(size=(2, 3, D)).astype("float32")
     mask = np.array([[1, 1, 0], [1, 0, 0]], bool)
-    layer = MoEFeedForward(M, E, shared_intermediate_dim=5, shared_expert_gate=True)
+    layer = MoEFeedForward(M, E, shared_expert=SharedExpert(5, output_gate=True))
     y = to_numpy(layer(x, mask=mask))
     assert np.all(y[~mask] == 0.0)
     np.testing.assert_allclose(y[mask], to_numpy(layer(x))[mask], rtol=1e-5, atol=1e-6)
@@ -73,32 +77,39 @@ def test_gelu_tanh_serialises():
     restored = MoEFeedForward.from_config(layer.get_config())
     z = np.linspace(-3, 3, 7).astype("float32")
     np.testing.assert_allclose(
-        to_numpy(restored.activation(z)), np_gelu_tanh(z), rtol=1e-5, atol=1e-6
+        to_numpy(restored.experts.activation(z)),
+        np_gelu_tanh(z),
+        rtol=1e-5,
+        atol=1e-6,
     )
     assert restored.get_config() == layer.get_config()
 
 
 def test_fused_weight_names_and_expert_axes():
     layer = MoEFeedForward(
-        M,
-        E,
-        gated=True,
-        gate_up_layout="concatenated",
-        expert_output_scale=True,
-        router_input_norm=True,
-        shared_intermediate_dim=5,
-        shared_expert_gate=True,
+        experts=FeedForwardExperts(
+            M,
+            E,
+            gated=True,
+            gate_up_layout="concatenated",
+            output_scale=True,
+            name="experts",
+        ),
+        router=TopKRouter(E, input_norm=True, name="router"),
+        shared_expert=SharedExpert(
+            5, gated=True, output_gate=True, name="shared_expert"
+        ),
     )
     layer.build((None, D))
     shapes = {relative_path(v): tuple(v.shape) for v in layer.trainable_weights}
     assert shapes == {
         "router/kernel": (D, E),
-        "expert_gate_up_kernel": (E, D, 2 * M),
-        "expert_down_kernel": (E, M, D),
-        "expert_gate_up_bias": (E, 2 * M),
-        "expert_down_bias": (E, D),
-        "expert_scale": (E,),
-        "router_input_scale": (D,),
+        "experts/gate_up_kernel": (E, D, 2 * M),
+        "experts/down_kernel": (E, M, D),
+        "experts/gate_up_bias": (E, 2 * M),
+        "experts/down_bias": (E, D),
+        "experts/scale": (E,),
+        "router/input_scale": (D,),
         "shared_expert/up/kernel": (D, 5),
         "shared_expert/up/bias": (5,),
         "shared_expert/gate/kernel": (D, 5),
@@ -108,27 +119,31 @@ def test_fused_weight_names_and_expert_axes():
         "shared_expert/output_gate_dense/kernel": (D, 1),
     }
     expert_weights = {
-        "expert_gate_up_kernel",
-        "expert_down_kernel",
-        "expert_gate_up_bias",
-        "expert_down_bias",
-        "expert_scale",
+        "gate_up_kernel",
+        "down_kernel",
+        "gate_up_bias",
+        "down_bias",
+        "scale",
     }
-    assert layer.expert_weight_axes() == {name: 0 for name in expert_weights}
+    assert layer.experts.expert_weight_axes() == {name: 0 for name in expert_weights}
 
 
 def test_router_dtype_compute_routes_in_the_compute_dtype():
     keras.config.set_dtype_policy("mixed_bfloat16")
     x = np.random.default_rng(14).normal(size=(64, D)).astype("float32")
     layer = MoEFeedForward(
-        M,
-        E,
-        top_k=2,
-        router_dtype="compute",
-        softmax_before_top_k=True,
-        router_z_loss_weight=1.0,
+        experts=FeedForwardExperts(M, E),
+        router=TopKRouter(
+            E,
+            top_k=2,
+            router_dtype="compute",
+            softmax_before_top_k=True,
+            load_balance_weight=0.01,
+            router_z_loss_weight=1.0,
+        ),
     )
     y = layer(x, training=True)
+    losses = layer.losses  # before the router's own calls below clear them
     router = layer.router
     tokens = ops.cast(x, "bfloat16")
     logits = router.logits(tokens)
@@ -145,15 +160,22 @@ def test_router_dtype_compute_routes_in_the_compute_dtype():
     np.testing.assert_array_equal(
         to_numpy(weights), to_numpy(top / ops.sum(top, axis=-1, keepdims=True))
     )
-    for loss in layer.losses:
+    assert len(losses) == 2
+    for loss in losses:
         assert keras.backend.standardize_dtype(loss.dtype) == "float32"
 
 
 def test_router_dtype_float32_is_the_default_and_float32():
     keras.config.set_dtype_policy("mixed_bfloat16")
     x = np.random.default_rng(15).normal(size=(16, D)).astype("float32")
-    layer = MoEFeedForward(M, E, top_k=2, softmax_before_top_k=True)
+    layer = MoEFeedForward(
+        experts=FeedForwardExperts(M, E),
+        router=TopKRouter(
+            E, top_k=2, softmax_before_top_k=True, load_balance_weight=0.01
+        ),
+    )
     layer(x, training=True)
+    losses = layer.losses  # before the router's own calls below clear them
     assert layer.router.router_dtype == "float32"
     tokens = ops.cast(x, "bfloat16")
     logits = layer.router.logits(tokens)
@@ -162,7 +184,8 @@ def test_router_dtype_float32_is_the_default_and_float32():
     assert keras.backend.standardize_dtype(weights.dtype) == "float32"
     expected = to_numpy(tokens).astype("float64") @ to_numpy(layer.router.kernel)
     np.testing.assert_allclose(to_numpy(logits), expected, rtol=1e-5, atol=1e-5)
-    for loss in layer.losses:
+    assert len(losses) == 1
+    for loss in losses:
         assert keras.backend.standardize_dtype(loss.dtype) == "float32"
 
 

@@ -1,5 +1,6 @@
 """SharedExpert: Keras's layer harness and a NumPy reference."""
 
+import keras
 import numpy as np
 import pytest
 from keras.src import testing
@@ -53,3 +54,14 @@ def test_matches_numpy(gated):
 def test_swiglu_limit_needs_gated():
     with pytest.raises(ValueError, match="`swiglu_limit` applies to gated"):
         SharedExpert(4, swiglu_limit=7.0)
+
+
+def test_a_frozen_shared_expert_has_no_trainable_weights():
+    """Its `Dense` sublayers, made in `build`, were trainable in a layer
+    frozen before."""
+    layer = SharedExpert(5, gated=True, output_gate=True, trainable=False)
+    model = keras.Sequential([keras.Input((3, 4)), layer])
+    assert model.trainable_weights == []
+    assert len(layer.non_trainable_weights) == 7
+    layer.trainable = True
+    assert len(model.trainable_weights) == 7

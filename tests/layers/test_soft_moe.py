@@ -10,7 +10,10 @@ from keras.src import testing
 from keras_moe import SoftMoE
 from keras_moe.callbacks import ExpertUsage
 from tests.conftest import to_numpy
+from tests.layers.test_moe_feed_forward import bank_weights
+from tests.layers.test_moe_feed_forward import np_expert
 from tests.layers.test_moe_feed_forward import np_gelu
+from tests.layers.test_moe_feed_forward import np_gelu_tanh
 from tests.layers.test_moe_feed_forward import np_silu
 from tests.layers.test_moe_feed_forward import np_softmax
 from tests.layers.test_moe_feed_forward import randomize
@@ -28,6 +31,7 @@ def reference(layer, x, activation, mask=None):
     combine over the slots, slot `i` through expert `i // S`, and the
     combine; plus the statistics `(loads, 0, entropy)`."""
     w = {relative_path(v): to_numpy(v).astype("float64") for v in layer.weights}
+    bank = bank_weights(layer.experts)
     x = x.astype("float64")
     slots = layer.slots_per_expert
     out = np.zeros_like(x)
@@ -46,20 +50,10 @@ def reference(layer, x, activation, mask=None):
             dispatch[valid] = np_softmax(logits[valid], axis=0)
         combine = np_softmax(logits, axis=1)
         slot_inputs = dispatch.T @ sequence
-        slot_outputs = []
-        for i, slot_input in enumerate(slot_inputs):
-            e = i // slots
-            h = slot_input @ w["expert_up_kernel"][e]
-            if layer.use_bias:
-                h = h + w["expert_up_bias"][e]
-            if layer.gated:
-                h = activation(slot_input @ w["expert_gate_kernel"][e]) * h
-            else:
-                h = activation(h)
-            y = h @ w["expert_down_kernel"][e]
-            if layer.use_bias:
-                y = y + w["expert_down_bias"][e]
-            slot_outputs.append(y)
+        slot_outputs = [
+            np_expert(bank, layer.experts, activation, i // slots, slot_input)
+            for i, slot_input in enumerate(slot_inputs)
+        ]
         out[b] = combine @ np.array(slot_outputs)
         out[b][~valid] = 0.0
         shares.append(combine.reshape(len(sequence), -1, slots).sum(-1))
@@ -78,7 +72,8 @@ class SoftMoELayerTest(testing.TestCase):
             input_shape=(2, 5, 4),
             expected_output_shape=(2, 5, 4),
             expected_num_trainable_weights=6,
-            expected_num_non_trainable_weights=2,
+            # The statistics: last values, their sums, the steps.
+            expected_num_non_trainable_weights=7,
             expected_num_seed_generators=0,
             expected_num_losses=0,
             supports_masking=True,
@@ -98,7 +93,7 @@ class SoftMoELayerTest(testing.TestCase):
             input_shape=(2, 3, 4),
             expected_output_shape=(2, 3, 4),
             expected_num_trainable_weights=4,
-            expected_num_non_trainable_weights=2,
+            expected_num_non_trainable_weights=7,
             expected_num_seed_generators=0,
             expected_num_losses=0,
             supports_masking=True,
@@ -115,6 +110,8 @@ class SoftMoELayerTest(testing.TestCase):
             {"normalize": False, "gated": True, "activation": "silu", "n_experts": 1},
             np_silu,
         ),
+        # keras-moe's activations too (the expert bank is MoEFeedForward's).
+        ({"gated": True, "activation": "gelu_tanh"}, np_gelu_tanh),
     ],
 )
 @pytest.mark.parametrize("masked", [False, True])
@@ -190,16 +187,23 @@ def test_weight_names_shapes_and_expert_axes():
     assert shapes == {
         "router_kernel": (D, E * 4),
         "router_scale": (),
-        "expert_up_kernel": (E, D, M),
-        "expert_gate_kernel": (E, D, M),
-        "expert_down_kernel": (E, M, D),
-        "expert_up_bias": (E, M),
-        "expert_down_bias": (E, D),
-        "routing_stats_last": (E + 2,),
-        "routing_stats_sum": (E + 3,),
+        "experts/up_kernel": (E, D, M),
+        "experts/gate_kernel": (E, D, M),
+        "experts/down_kernel": (E, M, D),
+        "experts/up_bias": (E, M),
+        "experts/down_bias": (E, D),
+        "statistics/expert_load": (E,),
+        "statistics/dropped_fraction": (),
+        "statistics/router_entropy": (),
+        "statistics/expert_load_sum": (E,),
+        "statistics/dropped_fraction_sum": (),
+        "statistics/router_entropy_sum": (),
+        "statistics/steps": (),
     }
-    axes = layer.expert_weight_axes()
-    assert axes == {name: 0 for name in shapes if name.startswith("expert_")}
+    axes = layer.experts.expert_weight_axes()
+    assert axes == {
+        name.split("/")[1]: 0 for name in shapes if name.startswith("experts/")
+    }
 
 
 def test_gradients_reach_router_scale_and_experts():
@@ -222,7 +226,7 @@ def test_mixed_precision_keeps_the_router_in_float32(policy):
     y = layer(x, training=True)
     assert keras.backend.standardize_dtype(y.dtype) == policy.split("_")[1]
     assert layer.router_kernel.dtype == "float32"
-    assert layer.expert_up_kernel.dtype == "float32"
+    assert layer.experts.up_kernel.dtype == "float32"
     assert np.isfinite(to_numpy(y).astype("float32")).all()
     assert sum(layer.routing_stats["expert_load"]) == pytest.approx(1.0, rel=1e-5)
 
@@ -258,6 +262,27 @@ def test_fit_jit_compile_statistics_and_save_load(tmp_path):
         to_numpy(restored(x)), to_numpy(model(x)), rtol=1e-5, atol=1e-6
     )
     assert restored.layers[0].get_config() == layer.get_config()
+
+
+@pytest.mark.parametrize("frozen_by", ["constructor", "attribute"])
+def test_a_frozen_layer_neither_trains_nor_moves_its_statistics(frozen_by):
+    """`SoftMoE(..., trainable=False)` froze only the layer's own weights:
+    its experts trained and its statistics moved."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(8, 4, D)).astype("float32")
+    layer = SoftMoE(M, E, trainable=frozen_by == "attribute")
+    if frozen_by == "attribute":
+        layer.trainable = False
+    model = keras.Sequential([keras.Input((4, D)), layer])
+    assert model.trainable_weights == []
+    model.compile(keras.optimizers.SGD(0.5), "mse")
+    before = [to_numpy(v).copy() for v in layer.weights]
+    model.fit(x, rng.normal(size=x.shape), batch_size=4, verbose=0)
+    for value, variable in zip(before, layer.weights):
+        if variable.name in ("expert_load", "router_entropy", "dropped_fraction"):
+            continue  # the last call's values still report
+        np.testing.assert_array_equal(to_numpy(variable), value, variable.path)
+    assert layer.routing_stats_mean() is None
 
 
 def test_config_round_trip():

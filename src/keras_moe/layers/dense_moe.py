@@ -170,28 +170,19 @@ class DenseMoE(saved_formats.LegacyLoading, BaseMoE):
         self.n_experts = utils.check_positive_int("n_experts", n_experts)
         self.top_k = None
         if top_k is not None:
-            self.top_k = utils.check_positive_int("top_k", top_k)
-            if self.top_k > self.n_experts:
-                raise ValueError(
-                    "`top_k` must be an integer from 1 to `n_experts`. "
-                    f"Received: top_k={top_k}, n_experts={n_experts}"
-                )
+            self.top_k = utils.check_top_k(top_k, self.n_experts)
         self.normalize_top_k = utils.check_bool("normalize_top_k", normalize_top_k)
         self.noisy_gating = utils.check_bool("noisy_gating", noisy_gating)
-        self.capacity_factor = None
-        if capacity_factor is not None:
-            self.capacity_factor = utils.check_positive_float(
-                "capacity_factor", capacity_factor
-            )
+        self.capacity_factor = utils.check_optional_positive_float(
+            "capacity_factor", capacity_factor
+        )
         self.load_balance_weight = utils.check_non_negative_float(
             "load_balance_weight", load_balance_weight
         )
         self.router_z_loss_weight = utils.check_non_negative_float(
             "router_z_loss_weight", router_z_loss_weight
         )
-        self.seed = None
-        if seed is not None:
-            self.seed = utils.check_positive_int("seed", seed, minimum=0)
+        self.seed = utils.check_optional_seed(seed)
         self.router_dtype = utils.check_choice(
             "router_dtype", router_dtype, routing.gates.ROUTER_DTYPES
         )

@@ -243,7 +243,9 @@ class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
         return y
 
     def call(self, inputs, layout=None):
-        layout = ExpertAxisLayout() if layout is None else layout
+        if layout is None:
+            self._check_expert_axis(inputs.shape)
+            layout = ExpertAxisLayout()
         x = inputs
         if self.gate_up_kernel is not None:
             h = self.project(layout, x, self.gate_up_kernel, self.gate_up_bias)
@@ -262,6 +264,16 @@ class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
             y = y * layout.broadcast(layout.select(scale))
         return y
 
+    def _check_expert_axis(self, shape):
+        shape = tuple(shape)
+        if len(shape) < 3 or shape[-3] not in (None, self.n_experts):
+            raise ValueError(
+                "Without a `layout`, the inputs of `FeedForwardExperts` are "
+                "each expert's rows `(..., n_experts, c, d)`, the expert axis "
+                f"third from last with n_experts={self.n_experts}. Received: "
+                f"inputs.shape={shape}"
+            )
+
     def _gated_unit(self, gate, up):
         return expert_functions.gated_unit(
             gate,
@@ -273,10 +285,11 @@ class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
         )
 
     def expert_weight_axes(self):
-        """Weight name -> its experts axis (`keras_moe.expert_parallel_layout_map`)."""
-        return {self.weight_names[name]: 0 for name, _ in WEIGHTS}
+        """The name of each of the bank's weights -> its experts axis, 0
+        (`keras_moe.expert_parallel_layout_map`); known before `build`."""
+        return {self.weight_names[name]: 0 for name in self.weight_shapes(None)}
 
-    def compute_output_shape(self, input_shape, layout=None):
+    def compute_output_shape(self, input_shape):
         return tuple(input_shape)
 
     def get_config(self):

@@ -36,13 +36,16 @@ class MoEFeedForward(saved_formats.LegacyLoading, keras.layers.Layer):
     instances, or give the shorthand arguments (`intermediate_dim`,
     `n_experts`, `top_k`, ...) and the block builds them. The published
     models' blocks (Mixtral, Qwen MoE, GPT-OSS, Gemma 4) are made by the
-    factories of `keras_moe.blocks`.
+    factories of `keras_moe.blocks`. A sublayer given as a layer keeps its
+    own dtype policy (give it the block's `dtype`); the block's output is in
+    its own compute dtype.
 
     Args:
         intermediate_dim: Positive integer, hidden size `m` of each expert
             (shorthand for `experts`).
         n_experts: Positive integer, number of experts `E` (shorthand; with
-            `experts` or `router` given, it must agree with them).
+            `experts` or `router` given, it must agree with them, and it is
+            theirs when omitted).
         top_k: Integer from 1 to `n_experts`, experts per token (shorthand
             for `router`; the average for expert choice).
         activation: Activation of the experts' hidden layer (a Keras
@@ -192,7 +195,7 @@ class MoEFeedForward(saved_formats.LegacyLoading, keras.layers.Layer):
             bias_initializer=bias_initializer,
             router_initializer=router_initializer,
         )
-        self.experts = self._experts_layer(experts, shorthand, moved["experts"])
+        self.experts = self._experts_layer(experts, router, shorthand, moved["experts"])
         self.router = self._router_layer(router, shorthand, moved["router"])
         self.shared_expert = self._shared_expert_layer(
             shared_expert, shorthand, moved["shared_expert"]
@@ -205,13 +208,16 @@ class MoEFeedForward(saved_formats.LegacyLoading, keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
 
-    def _experts_layer(self, experts, shorthand, options):
+    def _experts_layer(self, experts, router, shorthand, options):
         if experts is not None:
             options_lib.check_given("experts", experts, shorthand, options)
             return experts
+        n_experts = shorthand["n_experts"]
+        if n_experts is None and isinstance(router, BaseRouter):
+            n_experts = router.n_experts
         return FeedForwardExperts(
             options_lib.required("intermediate_dim", shorthand["intermediate_dim"]),
-            options_lib.required("n_experts", shorthand["n_experts"]),
+            options_lib.required("n_experts", n_experts),
             activation=shorthand["activation"],
             gated=shorthand["gated"],
             use_bias=shorthand["use_bias"],
@@ -268,6 +274,7 @@ class MoEFeedForward(saved_formats.LegacyLoading, keras.layers.Layer):
             return shared_expert
         if not options:
             return None
+        options_lib.check_shared_expert_options(options)
         experts = self.experts
         return SharedExpert(
             activation=experts.activation,
@@ -276,9 +283,9 @@ class MoEFeedForward(saved_formats.LegacyLoading, keras.layers.Layer):
             activation_dtype=experts.activation_dtype,
             swiglu_limit=experts.swiglu_limit,
             swiglu_alpha=experts.swiglu_alpha,
-            kernel_initializer=utils.initializer_for(
-                experts.kernel_initializer, "shared_expert"
-            ),
+            # Its weights draw values of their own from the same initializer
+            # (`SharedExpert` keys them `up/kernel`, ...).
+            kernel_initializer=experts.kernel_initializer,
             bias_initializer=experts.bias_initializer,
             kernel_regularizer=experts.kernel_regularizer,
             bias_regularizer=experts.bias_regularizer,
@@ -340,6 +347,9 @@ class MoEFeedForward(saved_formats.LegacyLoading, keras.layers.Layer):
             if mask is not None:
                 shared = ops.where(ops.expand_dims(mask, -1), shared, 0)
             outputs = outputs + ops.cast(shared, outputs.dtype)
+        # In the block's compute dtype, whatever dtype policy given sublayers
+        # compute in (as `compute_output_spec` says).
+        outputs = ops.cast(outputs, self.compute_dtype)
         return ops.reshape(outputs, ops.shape(inputs))
 
     @property

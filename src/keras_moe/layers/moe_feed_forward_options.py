@@ -127,6 +127,7 @@ def pop_moved_options(kwargs, warn):
                 f"`MoEFeedForward({sublayer}=...)`, or a factory of "
                 "`keras_moe.blocks`",
                 removed_in="0.4.0",
+                stacklevel=3,  # the code that made the `MoEFeedForward`
             )
         if value != MOVED_DEFAULTS[old]:
             moved[sublayer][new] = value
@@ -190,6 +191,20 @@ def check_given(sublayer, layer, shorthand, options):
         )
 
 
+def check_shared_expert_options(options):
+    """Checks 0.2.0's shared expert options (`SharedExpert` arguments by
+    now), naming them as their user wrote them."""
+    size = options.get("intermediate_dim")
+    if size is None:
+        raise ValueError(
+            "`shared_expert_gate` gates a shared expert, which needs "
+            "`shared_intermediate_dim` (or a `SharedExpert(output_gate=True)` "
+            "passed as `shared_expert`). Received: shared_expert_gate="
+            f"{options.get('output_gate')!r}, shared_intermediate_dim=None"
+        )
+    utils.check_positive_int("shared_intermediate_dim", size)
+
+
 def expert_choice_router(cls, common, shorthand, options):
     """The `ExpertChoiceRouter` of the shorthand `routing="expert_choice"`."""
     if shorthand["capacity_factor"] is None:
@@ -218,6 +233,7 @@ def moved_attribute(layer, name):
         f"`MoEFeedForward.{name}`",
         f"`MoEFeedForward.{sublayer}.{attribute}`",
         removed_in="0.4.0",
+        stacklevel=3,  # the code that asked `MoEFeedForward.__getattr__`
     )
     return getattr(getattr(layer, sublayer), attribute)
 

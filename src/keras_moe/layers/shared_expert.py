@@ -135,6 +135,8 @@ class SharedExpert(keras.layers.Layer):
             dtype=self.dtype_policy,
             name=name,
         )
+        # Made frozen in a frozen layer: it does not train either.
+        layer.trainable = self.trainable
         layer.build((None, input_dim))
         return layer
 

@@ -165,6 +165,11 @@ class SoftMoE(saved_formats.LegacyLoading, keras.layers.Layer):
             name="experts",
         )
         self.statistics = RoutingStatistics(self.n_experts, name="statistics")
+        if not self.trainable:
+            # Frozen by its constructor, before its sublayers were made: its
+            # experts do not train and its statistics do not move.
+            self.experts.trainable = False
+            self.statistics.trainable = False
         self.input_spec = keras.layers.InputSpec(ndim=3)
         self.supports_masking = True
 
@@ -175,7 +180,7 @@ class SoftMoE(saved_formats.LegacyLoading, keras.layers.Layer):
                 "`SoftMoE` expects an input of rank 3 `(batch, tokens, d)` with "
                 f"a defined last axis. Received: input_shape={input_shape}"
             )
-        d, m, e = input_shape[-1], self.intermediate_dim, self.n_experts
+        d, e = input_shape[-1], self.n_experts
         # The router stays in float32 under mixed precision: no autocast.
         self.router_kernel = self.add_weight(
             name="router_kernel",
@@ -203,9 +208,7 @@ class SoftMoE(saved_formats.LegacyLoading, keras.layers.Layer):
         dispatch, combine = soft_slot_weights(logits, mask)
         # Under a `keras.distribution`, each device runs its experts on its
         # batch shard's slots (`(batch, expert, ...)` layout).
-        _, constrain = distribution_groups(
-            inputs.shape[0], distribution.expert_axis()
-        )
+        _, constrain = distribution_groups(inputs.shape[0], distribution.expert_axis())
         constrain = constrain or (lambda x: x)
         dtype = inputs.dtype
         slots = ops.einsum("bns,bnd->bsd", ops.cast(dispatch, dtype), inputs)

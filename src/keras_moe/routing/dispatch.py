@@ -339,7 +339,8 @@ class TieredPlan:
 def dispatch_runner(expert_bank):
     """`run(layout, rows)` of an expert bank: a layer (or a function) called
     as `expert_bank(rows, layout=layout)`; 0.2.0's `expert_fn(layout, rows)`
-    still works, with a warning."""
+    (a function without a `layout` keyword, or whose first argument is
+    `layout`) still works, with a warning, on 0.2.0's layout interface."""
     if isinstance(expert_bank, keras.layers.Layer):
         return lambda layout, rows: expert_bank(rows, layout=layout)
     if not callable(expert_bank):
@@ -348,14 +349,37 @@ def dispatch_runner(expert_bank):
             "layout=...)`, such as `keras_moe.layers.FeedForwardExperts`. "
             f"Received: expert_bank={expert_bank!r}"
         )
-    parameters = list(inspect.signature(expert_bank).parameters)
-    if parameters and parameters[0] == "layout":
-        utils.warn_deprecated(
-            "an expert function `expert_fn(layout, rows)`",
-            "an expert bank layer called as `expert_bank(rows, layout=...)` "
-            "(`keras_moe.layers.FeedForwardExperts`)",
-            removed_in="0.4.0",
-            stacklevel=3,
-        )
-        return expert_bank
-    return lambda layout, rows: expert_bank(rows, layout=layout)
+    parameters = inspect.signature(expert_bank).parameters
+    names = list(parameters)
+    takes_layout = ("layout" in parameters and names[0] != "layout") or any(
+        p.kind is p.VAR_KEYWORD for p in parameters.values()
+    )
+    if takes_layout:
+        return lambda layout, rows: expert_bank(rows, layout=layout)
+    utils.warn_deprecated(
+        "an expert function `expert_fn(layout, rows)`",
+        "an expert bank layer called as `expert_bank(rows, layout=...)` "
+        "(`keras_moe.layers.FeedForwardExperts`)",
+        removed_in="0.4.0",
+        stacklevel=3,
+    )
+    return lambda layout, rows: expert_bank(LegacyLayout(layout), rows)
+
+
+class LegacyLayout:
+    """keras-moe 0.2.0's layout interface over a layout, for 0.2.0's expert
+    functions: `matmul(x, kernel, expert_axis=0)` and `add_bias(x, bias)` of
+    every expert's weights (the layout selects the ones its rows need)."""
+
+    def __init__(self, layout):
+        self.layout = layout
+
+    def matmul(self, x, kernel, expert_axis=0):
+        if expert_axis != 0:
+            kernel = ops.moveaxis(kernel, expert_axis, 0)
+        kernel = ops.cast(self.layout.select(kernel), x.dtype)
+        return self.layout.matmul(x, kernel)
+
+    def add_bias(self, x, bias):
+        bias = ops.cast(self.layout.select(bias), x.dtype)
+        return x + self.layout.broadcast(bias)
