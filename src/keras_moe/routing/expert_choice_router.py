@@ -169,8 +169,7 @@ class ExpertChoiceRouter(BaseRouter):
         self.statistics.record(**stats, training=training)
         return weights, tokens
 
-    def dispatch(self, inputs, weights, indices, expert_bank, mask=None,
-                 training=None):
+    def dispatch(self, inputs, weights, indices, expert_bank, mask=None, training=None):
         """Runs `expert_bank` on the tokens each expert took: `(tokens, m)`
         (`routing.expert_choice_mixture` on the `(weights, tokens)` that
         `call` returned)."""
