@@ -56,9 +56,8 @@ def _renamed_layout(layout, capacity_factor):
     if new is None:
         return layout
     utils.warn_deprecated(
-        f"`layout={layout!r}`"
-        + (" without a capacity factor" if new == "tiers" else ""),
-        f"`layout={new!r}`",
+        f"layout={layout!r}" + (" without a capacity_factor" if new == "tiers" else ""),
+        f"layout={new!r}",
         removed_in="0.4.0",
         stacklevel=3,
     )
@@ -371,16 +370,16 @@ def dispatch_runner(expert_bank):
         return lambda layout, rows: expert_bank(rows, layout=layout)
     if not callable(expert_bank):
         raise TypeError(
-            "`expert_bank` must be a layer called as `expert_bank(rows, "
-            "layout=...)`, such as `keras_moe.layers.FeedForwardExperts`. "
+            "`expert_bank` must be a layer (or a function) called as "
+            "`expert_bank(rows, layout=...)`, such as "
+            "`keras_moe.layers.FeedForwardExperts`. "
             f"Received: expert_bank={expert_bank!r}"
         )
     parameters = list(inspect.signature(expert_bank).parameters)
     if parameters and parameters[0] == "layout":
         utils.warn_deprecated(
-            "an expert function `expert_fn(layout, rows)`",
-            "an expert bank layer called as `expert_bank(rows, layout=...)` "
-            "(`keras_moe.layers.FeedForwardExperts`)",
+            "expert_fn(layout, rows)",
+            "expert_bank(rows, layout=...)",
             removed_in="0.4.0",
             stacklevel=3,
         )
