@@ -1,11 +1,12 @@
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
-from keras_moe import _backend_select
+import keras_moe_cli as _backend_select
 
 
 def _config(tmp_path, **config):
@@ -39,14 +40,13 @@ def test_unreadable_config_names_nothing(tmp_path):
     assert _backend_select.configured_backend({"KERAS_HOME": str(tmp_path)}) is None
 
 
-def _backend_in_clean_process(tmp_path, extra_env):
+def _run_in_clean_process(tmp_path, extra_env, code):
     env = {
         key: value
         for key, value in os.environ.items()
         if key not in ("KERAS_BACKEND", "KERAS_HOME")
     }
     env.update(KERAS_HOME=str(tmp_path), HOME=str(tmp_path), **extra_env)
-    code = "import keras_moe, keras; print(keras.backend.backend())"
     result = subprocess.run(
         [sys.executable, "-c", code],
         env=env,
@@ -58,15 +58,46 @@ def _backend_in_clean_process(tmp_path, extra_env):
     return result.stdout.strip().splitlines()[-1]
 
 
-def test_import_picks_jax_when_nothing_names_a_backend(tmp_path):
+def _command_backend(tmp_path, extra_env):
+    """The backend Keras runs on after the `keras-moe` command's choice."""
+    code = (
+        "import keras_moe_cli; keras_moe_cli.select(); import keras; "
+        "print(keras.backend.backend())"
+    )
+    return _run_in_clean_process(tmp_path, extra_env, code)
+
+
+def test_the_command_picks_jax_when_nothing_names_a_backend(tmp_path):
     assert _backend_select.installed_backends()[0] == "jax"
-    assert _backend_in_clean_process(tmp_path, {}) == "jax"
+    assert _command_backend(tmp_path, {}) == "jax"
     # The choice is recorded in the new config file, so the next run agrees.
     assert json.loads((tmp_path / "keras.json").read_text())["backend"] == "jax"
-    assert _backend_in_clean_process(tmp_path, {}) == "jax"
+    assert _command_backend(tmp_path, {}) == "jax"
 
 
-def test_import_keeps_the_configured_backend(tmp_path):
+def test_the_command_keeps_the_configured_backend(tmp_path):
     _config(tmp_path, backend="torch")
-    assert _backend_in_clean_process(tmp_path, {}) == "torch"
-    assert _backend_in_clean_process(tmp_path, {"KERAS_BACKEND": "jax"}) == "jax"
+    assert _command_backend(tmp_path, {}) == "torch"
+    assert _command_backend(tmp_path, {"KERAS_BACKEND": "jax"}) == "jax"
+
+
+def test_importing_the_library_sets_and_writes_nothing(tmp_path):
+    # `import keras_moe` leaves the choice to Keras: no environment variable,
+    # and no file besides the config that `import keras` writes itself.
+    code = (
+        "import os; before = dict(os.environ); import {}; "
+        "changed = sorted(k for k in os.environ if os.environ[k] != before.get(k)); "
+        "print(changed)"
+    )
+    library, keras_alone = tmp_path / "library", tmp_path / "keras"
+    library.mkdir()
+    keras_alone.mkdir()
+    assert _run_in_clean_process(library, {}, code.format("keras_moe")) == "[]"
+    assert _run_in_clean_process(keras_alone, {}, code.format("keras")) == "[]"
+    def files(root):
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+    assert files(library) == files(keras_alone)
+    config = pathlib.Path("keras.json")
+    if (keras_alone / config).exists():
+        assert (library / config).read_text() == (keras_alone / config).read_text()

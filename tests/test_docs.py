@@ -22,6 +22,7 @@ from tests.conftest import REPO
 PACKAGE = "keras_moe"
 SUBMODULES = [
     "keras_moe.layers",
+    "keras_moe.blocks",
     "keras_moe.routing",
     "keras_moe.callbacks",
     "keras_moe.compat",

@@ -218,6 +218,35 @@ def test_expert_noise_is_relative_seeded_and_breaks_only_the_symmetry():
     assert 1e-4 < error < 0.5
 
 
+@pytest.mark.parametrize("as_tensor", [False, True])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_kernels_upcycle_exactly(dtype, as_tensor):
+    half = {
+        k: None if v is None else v.astype(dtype)
+        for k, v in dense_block("silu", gated=True, biases=True).items()
+    }
+    given = {
+        k: keras.ops.convert_to_tensor(v) if as_tensor and v is not None else v
+        for k, v in half.items()
+    }
+    layer = upcycle_feed_forward(
+        given["up"],
+        given["down"],
+        n_experts=E,
+        gate=given["gate"],
+        activation="silu",
+        up_bias=given["up_bias"],
+        down_bias=given["down_bias"],
+    )
+    # Every expert holds the half-precision values exactly (float32 weights).
+    for name in ("up", "gate", "down"):
+        kernels = to_numpy(getattr(layer, f"expert_{name}_kernel"))
+        for kernel in kernels:
+            np.testing.assert_array_equal(kernel, half[name].astype("float32"))
+    x = RNG.normal(size=(6, D)).astype("float32")
+    assert_relative_close(layer(x), np_block(half, "silu", x))
+
+
 def test_dtype_policy_follows_the_dense_layers():
     keras.config.set_dtype_policy("mixed_float16")
     w = dense_block("relu", gated=False, biases=False)

@@ -35,6 +35,7 @@ PACKAGE = "keras_moe"
 # The public submodules, in reference order; a missing one is skipped.
 MODULES = [
     "layers",
+    "blocks",
     "routing",
     "callbacks",
     "compat",

@@ -1,7 +1,6 @@
 """keras-moe: mixture-of-experts layers for Keras 3 on JAX, PyTorch and TensorFlow."""
 
-# First, before anything imports keras: picks an installed backend when nothing names one.
-from keras_moe import _backend_select  # noqa: F401
+from keras_moe import blocks
 from keras_moe import callbacks
 from keras_moe import compat
 from keras_moe import routing
@@ -11,7 +10,9 @@ from keras_moe.layers import Conv1DMoE
 from keras_moe.layers import Conv2DMoE
 from keras_moe.layers import Conv3DMoE
 from keras_moe.layers import DenseMoE
+from keras_moe.layers import FeedForwardExperts
 from keras_moe.layers import MoEFeedForward
+from keras_moe.layers import SharedExpert
 from keras_moe.layers import SoftMoE
 from keras_moe.version import __version__
 
@@ -20,9 +21,12 @@ __all__ = [
     "Conv2DMoE",
     "Conv3DMoE",
     "DenseMoE",
+    "FeedForwardExperts",
     "MoEFeedForward",
+    "SharedExpert",
     "SoftMoE",
     "__version__",
+    "blocks",
     "callbacks",
     "compat",
     "expert_parallel_layout_map",

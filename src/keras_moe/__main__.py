@@ -1,4 +1,6 @@
-"""`python -m keras_moe`: the same as the `keras-moe` command."""
+"""`python -m keras_moe`: the `keras-moe` command, on the backend Keras is
+configured with (`KERAS_BACKEND`); the command itself (`keras_moe_cli`) also
+picks an installed one when nothing names one."""
 
 import sys
 

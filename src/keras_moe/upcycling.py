@@ -62,6 +62,14 @@ def _to_numpy(value):
     return np.asarray(keras.ops.convert_to_numpy(value))
 
 
+def _is_float(dtype):
+    """Any float dtype Keras knows: NumPy's and ml_dtypes' (bfloat16, float8)."""
+    try:
+        return keras.backend.is_float_dtype(dtype)
+    except ValueError:  # not a Keras dtype: strings, objects
+        return False
+
+
 def _is_linear(activation):
     return activation is None or activation is keras.activations.linear
 
@@ -97,7 +105,7 @@ def _dense_parts(name, value, expected_rank=2):
             f"`{name}` must be a `keras.layers.Dense` layer or a kernel array. "
             f"Received: {name} of type {type(value).__name__}"
         ) from error
-    if kernel.ndim != expected_rank or not np.issubdtype(kernel.dtype, np.floating):
+    if kernel.ndim != expected_rank or not _is_float(kernel.dtype):
         raise ValueError(
             f"`{name}` must be a float kernel of rank {expected_rank}. Received: "
             f"{name} with shape {kernel.shape} and dtype {kernel.dtype}"
@@ -147,7 +155,9 @@ def upcycle_feed_forward(
 
     Args:
         up: The up projection: a built `keras.layers.Dense` or a `(d, m)`
-            kernel. A `Dense` brings its bias and, for a plain block, its
+            kernel (an array or tensor of any float dtype, bfloat16 and
+            float16 included: the float32 layer holds their values exactly).
+            A `Dense` brings its bias and, for a plain block, its
             activation.
         down: The down projection: a built `Dense` without activation or an
             `(m, d)` kernel. A `Dense` brings its bias.

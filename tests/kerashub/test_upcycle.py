@@ -40,13 +40,13 @@ def _needs_keras_hub():
 def dense_backbone(family, vocabulary_size=VOCAB, **kwargs):
     """A tiny dense backbone with non-trivial norm scales (so norms matter)."""
     models = keras_hub.models
+    kwargs = {**SMALL, **kwargs}
     if family == "mistral":
         # A window shorter than the input: the sliding window is carried over.
         backbone = models.MistralBackbone(
             vocabulary_size=vocabulary_size,
             intermediate_dim=32,
             sliding_window=4,
-            **SMALL,
             **kwargs,
         )
     elif family == "llama":
@@ -54,7 +54,6 @@ def dense_backbone(family, vocabulary_size=VOCAB, **kwargs):
             vocabulary_size=vocabulary_size,
             intermediate_dim=32,
             tie_word_embeddings=True,
-            **SMALL,
             **kwargs,
         )
     else:
@@ -63,7 +62,6 @@ def dense_backbone(family, vocabulary_size=VOCAB, **kwargs):
             intermediate_dim=32,
             head_dim=4,
             sliding_window_size=4,
-            **SMALL,
             **kwargs,
         )
     rng = np.random.default_rng(1)
@@ -131,6 +129,20 @@ def test_llama_tied_embeddings_become_mixtral_output_projection():
     assert relative_error(logits, dense_logits) <= 1e-5
 
 
+@pytest.mark.parametrize("cls", ["LlamaBackbone", "Llama3Backbone"])
+def test_llama_rope_position_scaling_factor_upcycles_exactly(cls):
+    # KerasHub's Llama rotary embedding ignores the factor; Mixtral's would
+    # divide its frequencies by it (2e-3 relative off here with it kept).
+    dense = getattr(keras_hub.models, cls)(
+        vocabulary_size=VOCAB,
+        intermediate_dim=32,
+        rope_position_scaling_factor=4.0,
+        **SMALL,
+    )
+    moe = upcycle(dense, n_experts=2, top_k=1)
+    assert relative_error(moe(TOKENS), dense(TOKENS)) <= 1e-5
+
+
 @pytest.mark.parametrize(
     "moe_layers, sparse", [("every_other", [False, True]), ([0], [True, False])]
 )
@@ -165,6 +177,46 @@ def test_router_initializer_noise_and_seed():
     np.testing.assert_array_equal(gate, expert_kernels(again)[0])
     assert not np.allclose(gate[0], gate[1])
     assert relative_error(noisy(TOKENS), dense(TOKENS)) > 1e-4
+
+
+def router_kernels(backbone):
+    kernels = []
+    for decoder in backbone.transformer_layers:
+        block = getattr(decoder, "_sparse_moe_block", None) or decoder.mlp
+        kernels.append(to_numpy(block._sparse_feedforward_gate_dense.kernel))
+    return kernels
+
+
+@pytest.mark.parametrize(
+    "family, router_initializer, seed",
+    [
+        ("mistral", "glorot_uniform", None),
+        ("qwen3", "glorot_uniform", None),
+        ("mistral", "glorot_uniform", 7),
+        ("mistral", lambda: keras.initializers.RandomNormal(seed=5), None),
+    ],
+)
+def test_router_initializer_draws_each_layer_its_own_kernel(
+    family, router_initializer, seed
+):
+    dense = dense_backbone(family)
+    runs = []
+    for _ in range(2):
+        keras.utils.set_random_seed(11)
+        initializer = (
+            router_initializer() if callable(router_initializer) else router_initializer
+        )
+        runs.append(
+            router_kernels(
+                upcycle(dense, n_experts=4, router_initializer=initializer, seed=seed)
+            )
+        )
+    first, second = runs
+    assert len(first) == 2
+    assert np.abs(first[0] - first[1]).min() > 0  # no layer shares a value
+    # Reproducible: by `seed`, the initializer's own seed, or Keras's global one.
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_load_balance_weight_reaches_the_target():
@@ -332,6 +384,18 @@ BAD_BACKBONES = [
         "`moe_layers`.*from 0 to 1",
     ),
     (lambda: dense_backbone("qwen3"), {"moe_layers": "odd"}, ValueError, "moe_layers"),
+    (
+        lambda: dense_backbone("qwen3", num_layers=1),
+        {"moe_layers": "every_other"},
+        ValueError,
+        "`moe_layers` must select at least one.*moe_layers='every_other', num_layers=1",
+    ),
+    (
+        lambda: dense_backbone("qwen3"),
+        {"moe_layers": []},
+        ValueError,
+        "`moe_layers` must hold at least one",
+    ),
     (lambda: dense_backbone("qwen3"), {"moe_layers": 1}, TypeError, "moe_layers"),
     (lambda: dense_backbone("llama"), {"n_experts": 0}, ValueError, "`n_experts`"),
     (lambda: dense_backbone("llama"), {"top_k": 5}, ValueError, "`top_k`.*top_k=5"),

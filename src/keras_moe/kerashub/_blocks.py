@@ -20,7 +20,6 @@ from the decoder's arguments, never from a saved config.
 
 import keras
 from keras import ops
-from keras.src.backend import AutocastScope
 from keras.src.backend.common import global_state
 from keras_hub.src.models.gemma4.gemma4_decoder_block import Gemma4TextDecoderBlock
 from keras_hub.src.models.gemma4.gemma4_moe import Gemma4MoEBlock
@@ -43,18 +42,10 @@ from keras_hub.src.models.qwen_moe.qwen_moe_decoder import QwenMoeExperts
 from keras_hub.src.models.qwen_moe.qwen_moe_decoder import QwenSparseMoeBlock
 
 from keras_moe import routing
+from keras_moe.kerashub._float32_dense import check_float32_dense
+from keras_moe.kerashub._float32_dense import float32_dense
+from keras_moe.kerashub._float32_dense import full_precision
 from keras_moe.layers.base_feed_forward import BaseFeedForwardExperts
-
-
-def full_precision(variable):
-    """A variable's own value, not cast to the compute dtype.
-
-    Inside a mixed-precision layer's call, reading a variable casts it to the
-    compute dtype (Keras's autocast); a float32 router needs its kernel as
-    stored. Read inside the scope: on TensorFlow a converted Keras variable
-    is read later, under the layer's autocast."""
-    with AutocastScope(None):
-        return variable.value
 
 
 class SparseState:
@@ -68,20 +59,24 @@ class SparseState:
             (`bind_experts`), not tracked by the model.
         router_dtype: `"compute"` or `"float32"`.
         top_k: Experts per token (Gemma 4's expert bank does not know it).
+        router: The block's router `Dense`; with `"float32"` checked now
+            and at every call (it may be quantized later).
     """
 
-    def __init__(self, experts, router_dtype, top_k):
+    def __init__(self, experts, router_dtype, top_k, router):
+        if router_dtype == "float32":
+            check_float32_dense(router)
         self.experts = experts
+        self.router = router
         self.router_dtype = router_dtype
         self.top_k = top_k
 
     def logits(self, dense, tokens):
         """The router logits: KerasHub's router `Dense` itself in the compute
-        dtype, or its weights in float32."""
+        dtype, or what it computes (quantized, LoRA) in float32."""
         if self.router_dtype == "compute":
             return dense(tokens)
-        bias = None if dense.bias is None else full_precision(dense.bias)
-        return routing.gate_logits(tokens, full_precision(dense.kernel), bias)
+        return float32_dense(dense, tokens)
 
     def mixture(self, tokens, weights, experts, training=None):
         """`sum_j w[t, j] * expert_{e[t, j]}(x[t])`, each token through its
@@ -253,7 +248,10 @@ def _sparsify_mixtral(block, router_dtype):
         activation_dtype="float32",
     )
     _swap(bank, SparseMixtralMoeExperts)
-    _swap(block, SparseMixtralSparseMoeBlock, SparseState(experts, router_dtype, None))
+    state = SparseState(
+        experts, router_dtype, None, block._sparse_feedforward_gate_dense
+    )
+    _swap(block, SparseMixtralSparseMoeBlock, state)
     return [bank]
 
 
@@ -288,12 +286,9 @@ class _SparseQwenBlock(_SparseBlock):
     _shared_expert = None
 
     def call(self, hidden_states, attention_mask=None, training=None):
-        router = getattr(self, "_sparse_feedforward_gate_dense", None)
-        if router is None:  # Qwen3.5-MoE, whose top-k weights are normalised
-            router = self._router_gate
         return self._sparse_call(
             hidden_states,
-            router,
+            self._keras_moe.router,
             attention_mask,
             training,
             loss=self._balancing_loss,
@@ -349,7 +344,10 @@ def _sparsify_qwen(sparse_block, sparse_bank, activation_dtype=None):
             activation_dtype=activation_dtype,
         )
         _swap(bank, sparse_bank)
-        _swap(block, sparse_block, SparseState(experts, router_dtype, None))
+        # Qwen3.5-MoE's router is `_router_gate`.
+        router = getattr(block, "_sparse_feedforward_gate_dense", None)
+        router = block._router_gate if router is None else router
+        _swap(block, sparse_block, SparseState(experts, router_dtype, None, router))
         return [bank]
 
     return sparsify
@@ -399,7 +397,8 @@ def _sparsify_gpt_oss(block, router_dtype):
         swiglu_alpha=bank.alpha,
     )
     _swap(bank, SparseGptOssExperts)
-    _swap(block, SparseGptOssSparseMoeBlock, SparseState(experts, router_dtype, None))
+    state = SparseState(experts, router_dtype, None, block.router.router_dense)
+    _swap(block, SparseGptOssSparseMoeBlock, state)
     return [bank]
 
 
@@ -420,7 +419,7 @@ class SparseGemma4Router(Gemma4Router):
         normed = tokens * ops.power(variance + self.layer_norm_epsilon, -0.5)
         normed = normed * self._scalar_root_size
         normed = normed * full_precision(self.per_dim_scale)
-        router_logits = routing.gate_logits(normed, full_precision(self.proj.kernel))
+        router_logits = float32_dense(self.proj, normed)
         weights, experts, _ = routing.top_k_gates(
             router_logits,
             self.num_experts_per_token,
@@ -466,7 +465,9 @@ def _sparsify_gemma4(decoder, router_dtype):
         use_bias=False,
         activation_dtype="float32",
     )
-    state = SparseState(experts, router_dtype, router.num_experts_per_token)
+    state = SparseState(
+        experts, router_dtype, router.num_experts_per_token, router.proj
+    )
     _swap(router, SparseGemma4Router, state)
     _swap(bank, SparseGemma4MoEBlock, state)
     return [bank]

@@ -114,7 +114,9 @@ def sparsify(model, router_dtype="compute"):
             layers, steadier for mixed-precision training); the router
             logits the blocks return and their auxiliary losses are then
             float32, and under `"mixed_bfloat16"` a few tokens pick other
-            experts than KerasHub's model would. Identical in float32.
+            experts than KerasHub's model would. Identical in float32. A
+            quantized (int8, int4) or LoRA router `Dense`, before or after
+            `sparsify`, is computed as the layer computes it, in float32.
 
     Returns:
         `model`, sparsified.
@@ -124,7 +126,9 @@ def sparsify(model, router_dtype="compute"):
             a subclass of a KerasHub MoE block (whose computation `sparsify`
             cannot know).
         ValueError: `model` has no MoE block `sparsify` knows, `router_dtype`
-            is not one of its values, or keras-hub is an unsupported version.
+            is not one of its values (or is `"float32"` with a router
+            quantized in a mode other than int8 and int4), or keras-hub is
+            an unsupported version.
 
     Example:
 

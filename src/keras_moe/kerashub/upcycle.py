@@ -12,7 +12,7 @@ for a `CausalLM` and its preprocessor.
 | dense backbone | MoE backbone | exact at initialisation |
 | --- | --- | --- |
 | `MistralBackbone` | `MixtralBackbone` | yes (not with a `head_dim` other than `hidden_dim // num_query_heads`: Mixtral has none) |
-| `LlamaBackbone`, `Llama3Backbone` | `MixtralBackbone` (`sliding_window=None`) | yes (not with Llama 3.1's RoPE frequency scaling: Mixtral has none) |
+| `LlamaBackbone`, `Llama3Backbone` | `MixtralBackbone` (`sliding_window=None`, `rope_scaling_factor=1`) | yes (not with Llama 3.1's RoPE frequency scaling: Mixtral has none) |
 | `Qwen3Backbone` | `Qwen3MoeBackbone` (`norm_top_k_prob=True`) | yes (see `qk_norm_epsilon`) |
 
 Any other class is refused with an error that names it. The result is an
@@ -72,7 +72,14 @@ def _family(backbone):
 
 def _check_moe_layers(moe_layers, num_layers):
     if isinstance(moe_layers, str):
-        return utils.check_choice("moe_layers", moe_layers, MOE_LAYERS)
+        moe_layers = utils.check_choice("moe_layers", moe_layers, MOE_LAYERS)
+        if moe_layers == "every_other" and num_layers < 2:
+            raise ValueError(
+                "`moe_layers` must select at least one decoder layer; "
+                "'every_other' selects layers 1, 3, 5, ... Received: "
+                f"moe_layers='every_other', num_layers={num_layers}"
+            )
+        return moe_layers
     if not isinstance(moe_layers, (list, tuple, range)) or not all(
         utils._is_int(i) for i in moe_layers
     ):
@@ -144,7 +151,9 @@ def _mixtral_config(backbone, n_experts, top_k, moe_layers, load_balance_weight)
                 f"{name} with "
                 + ", ".join(f"{key}={value}" for key, value in scaling.items())
             )
-        config["rope_scaling_factor"] = backbone.rope_position_scaling_factor
+        # KerasHub's `LlamaRotaryEmbedding` ignores its position scaling factor
+        # (Mixtral's divides its frequencies by it): the dense model uses 1.
+        config["rope_scaling_factor"] = 1.0
         config["sliding_window"] = None
     return config
 
@@ -304,6 +313,7 @@ def upcycle(
     - `LlamaBackbone` / `Llama3Backbone` -> `MixtralBackbone` with
       `sliding_window=None` (exact; refused with Llama 3.1's RoPE frequency
       scaling). Tied embeddings are untied into Mixtral's output projection.
+      Mixtral gets `rope_scaling_factor=1`: KerasHub's Llama ignores its own.
     - `Qwen3Backbone` -> `Qwen3MoeBackbone` with `norm_top_k_prob=True`
       (exact with `qk_norm_epsilon="rescale"`).
 
@@ -313,7 +323,8 @@ def upcycle(
         top_k: Integer from 1 to `n_experts`, experts per token.
         moe_layers: Which decoder layers become MoE: `"all"`,
             `"every_other"` (layers 1, 3, 5, ..., Qwen's
-            `decoder_sparse_step=2`) or a sequence of layer indices; the
+            `decoder_sparse_step=2`; an error with one decoder layer) or a
+            sequence of layer indices; the
             others keep their dense block. Only `Qwen3MoeBackbone` can mix
             dense and MoE layers: for Mixtral anything but `"all"` is an
             error.
@@ -342,6 +353,8 @@ def upcycle(
             normalised queries and keys).
         seed: Optional integer seed of `expert_noise` and of
             `router_initializer` (the same on every backend for the noise).
+            Every layer's router draws its own kernel: with a seed, layer
+            `i`'s from `seed + i`; without, from a seed of its own.
 
     Returns:
         A new `MixtralBackbone` or `Qwen3MoeBackbone` with the dense
@@ -448,11 +461,13 @@ def upcycle(
 
 
 def _initial_value(initializer, variable, seed, index):
+    """Decoder layer `index`'s router kernel, drawn by its own copy of
+    `initializer`: seeded `seed + index`, else `utils.initializer_for`'s."""
     config = initializer.get_config()
     if seed is not None and "seed" in config:
-        # One seed per layer: equal routers in every layer would be a coincidence
-        # the user did not ask for.
         initializer = type(initializer).from_config({**config, "seed": seed + index})
+    else:
+        initializer = utils.initializer_for(initializer, f"router_{index}")
     value = initializer(tuple(variable.shape), dtype=variable.dtype)
     return keras.ops.convert_to_numpy(value)
 

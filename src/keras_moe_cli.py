@@ -1,4 +1,11 @@
-"""Picks an installed Keras backend when nothing names a usable one.
+"""The `keras-moe` command's entry point: picks a Keras backend, then runs
+`keras_moe.cli.main`.
+
+It lives outside the `keras_moe` package because the choice must come before
+anything imports Keras, and importing `keras_moe` imports Keras (and picks
+nothing: a program that uses the library names its backend as Keras asks,
+`KERAS_BACKEND` or `~/.keras/keras.json`). The command picks one for its
+user when nothing names a usable one:
 
 Keras falls back to TensorFlow when neither `KERAS_BACKEND` nor its config
 file (`$KERAS_HOME/keras.json`, else `~/.keras/keras.json`) names a backend,
@@ -14,7 +21,7 @@ is named there from then on. keras-moe runs on every backend, so:
   and TensorFlow and, where no config file exists yet, one is written naming
   that choice (as Keras would write its own), so later runs agree.
 
-This module must be imported before `keras`; it does nothing after.
+This module must be imported before `keras`; it chooses nothing after.
 """
 
 import importlib.util
@@ -96,4 +103,13 @@ def select(environ=os.environ):
     return backend
 
 
-select()
+def main(argv=None):
+    """The `keras-moe` command (`keras_moe.cli.main`), after `select()`."""
+    select()
+    from keras_moe.cli import main as cli_main
+
+    return cli_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
