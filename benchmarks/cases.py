@@ -256,7 +256,7 @@ def feed_forward(size):
     }
     x = _rand(b, n, d)
 
-    def moe():
+    def moe(layout="auto"):
         return keras_moe.MoEFeedForward(
             m,
             e,
@@ -265,6 +265,7 @@ def feed_forward(size):
             gated=True,
             use_bias=False,
             load_balance_weight=0.0,
+            layout=layout,
         )
 
     variants = [
@@ -286,7 +287,7 @@ def feed_forward(size):
         ),
         Variant(
             "keras_moe_tiers",
-            lambda: (formulations.capacity_tiers(moe(), x), x),
+            lambda: (moe(layout="tiers"), x),
             note="the same, dropless through the capacity tiers' ops.cond in "
             "training too (the layout before the blocks)",
         ),

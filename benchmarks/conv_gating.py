@@ -6,10 +6,12 @@ gate-mixed kernel (`mixed_kernel_outputs`) instead of every expert followed by
 the mixture (the general path). This script times, per case, side by side in
 one process and interleaved (`benchmarks.harness.compare`, medians):
 
-- `mixed`: pooled gates, linear experts, mixed-kernel path (`_mixed_kernel`
-  forced on; the layer uses it by itself from `MIXED_KERNEL_MIN_EXPERTS`
-  experts per filter, where these measurements found it faster);
-- `general`: the same layer on the general path (forced; baseline);
+- `mixed`: pooled gates, linear experts, mixed-kernel path
+  (`mixed_kernel=True`; `None`, the default, takes it from
+  `MIXED_KERNEL_MIN_EXPERTS` experts per filter, where these measurements
+  found it faster);
+- `general`: the same layer on the general path (`mixed_kernel=False`;
+  baseline);
 - `flatten`, `local`: the other gating modes (general path, linear experts).
 
     python -m benchmarks.conv_gating                       # current KERAS_BACKEND
@@ -43,6 +45,8 @@ CASES = [
 
 def variant(name, cls, n_filters, n_experts, kernel_size, x, mode, mixed_kernel):
     def build():
+        # `mixed_kernel=True` is refused where the path cannot run (not
+        # pooled gates, or not linear experts); `False` keeps the general one.
         layer = cls(
             n_filters,
             n_experts,
@@ -50,11 +54,9 @@ def variant(name, cls, n_filters, n_experts, kernel_size, x, mode, mixed_kernel)
             padding="same",
             gating_input=mode,
             gating_activation="softmax",
+            mixed_kernel=mixed_kernel,
         )
         layer.build(x.shape)
-        layer._mixed_kernel = mixed_kernel
-        if layer._uses_mixed_kernel(x) != (mode == "pooled" and mixed_kernel):
-            raise RuntimeError(f"{name}: not on the intended path")
         return layer, x
 
     return harness.Variant(name=name, build=build, note=mode)

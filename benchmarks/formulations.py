@@ -6,22 +6,22 @@
   k)`), the gates repeated over the units (conv: over the positions),
   multiplied and summed. Same weights and same function as `keras_moe`'s
   layers; only the formulation differs.
-- `DimMajorTopKDenseMoE`: `DenseMoE(top_k=...)` with the soft mixture's
-  `(d, e, u)` kernel (the sparse layout before it became expert-major).
-- `capacity_tiers`: a sparse layer whose training calls take the dropless
-  capacity tiers, as before the blocks became their layout.
+- `DimMajorTopKDenseMoE`: `DenseMoE(top_k=...)`'s function with the soft
+  mixture's `(d, e, u)` kernel (the sparse layout before it became
+  expert-major).
+- `capacity_tiers`: a `DenseMoE(top_k=...)` whose training calls take the
+  dropless capacity tiers, as before the blocks became their layout
+  (`MoEFeedForward(layout="tiers")` for that layer).
 - `GatedFeedForward`: a dense gated feed-forward `down(silu(x Wg) * (x Wu))`,
   the roofline of a top-k `MoEFeedForward` when given `k * m` units and 2-D
   `(tokens, d)` inputs (`cases.roofline`).
 - `cifar10_cnn`, `cifar10_moe`: the original CIFAR-10 networks.
 """
 
-import functools
-
 import keras
 from keras import ops
 
-from keras_moe import DenseMoE
+from keras_moe import routing
 
 
 class OriginalDenseMoE(keras.layers.Layer):
@@ -118,23 +118,67 @@ class OriginalConvMoE(keras.layers.Layer):
         return ops.sum(experts * gates, axis=-1)
 
 
-class DimMajorTopKDenseMoE(DenseMoE):
-    """`DenseMoE` whose sparse path keeps the `(d, e, u)` kernel, so that its
-    per-expert products take the kernel through a transpose (XLA) or a copy
-    (`torch._grouped_mm`)."""
+class DimMajorTopKDenseMoE(keras.layers.Layer):
+    """`DenseMoE(top_k=...)`'s function with the soft mixture's `(d, e, u)`
+    expert kernel: its per-expert products take the kernel through a
+    transpose (XLA) or a copy (`torch._grouped_mm`) at every step. A
+    `TopKRouter` and its dispatch, as `DenseMoE` runs them."""
 
-    @property
-    def _expert_axis(self):
-        return 1
+    def __init__(
+        self,
+        units,
+        n_experts,
+        top_k,
+        expert_activation=None,
+        gating_activation=None,
+        **kw,
+    ):
+        super().__init__(**kw)
+        self.units = units
+        self.n_experts = n_experts
+        self.top_k = top_k
+        # The top-k weights are a softmax over the chosen logits, whatever
+        # `gating_activation` says (as in `DenseMoE`).
+        self.expert_activation = keras.activations.get(expert_activation)
+
+    def build(self, input_shape):
+        d = input_shape[-1]
+        init = keras.initializers.RandomUniform(-0.05, 0.05)
+        self.expert_kernel = self.add_weight(
+            shape=(d, self.n_experts, self.units), initializer=init, name="ek"
+        )
+        self.expert_bias = self.add_weight(
+            shape=(self.n_experts, self.units), initializer="zeros", name="eb"
+        )
+        self.router = routing.TopKRouter(
+            self.n_experts, self.top_k, use_bias=True, name="router"
+        )
+        self.router.build((None, d))
+
+    def experts(self, rows, layout):
+        kernel = layout.select(ops.moveaxis(self.expert_kernel, 1, 0))
+        h = layout.matmul(rows, ops.cast(kernel, rows.dtype))
+        h = h + layout.broadcast(ops.cast(layout.select(self.expert_bias), h.dtype))
+        return self.expert_activation(h)
+
+    def call(self, inputs, training=None):
+        tokens = ops.reshape(inputs, (-1, inputs.shape[-1]))
+        weights, experts = self.router(tokens, training=training)
+        outputs = self.router.dispatch(
+            tokens, weights, experts, self.experts, training=training
+        )
+        return ops.reshape(outputs, ops.shape(inputs)[:-1] + (self.units,))
 
 
 def capacity_tiers(layer, inputs):
-    """`layer` (a sparse keras-moe layer), built on `inputs`, whose dropless
-    dispatch takes the capacity tiers (an `ops.cond` over buffers of 1.25,
+    """`layer` (a `DenseMoE` with `top_k`), built on `inputs`, whose router
+    takes the dropless capacity tiers (an `ops.cond` over buffers of 1.25,
     1.5, 2x the mean load, then the blocks) in training calls too: what
-    `layout="auto"` did there before the blocks."""
-    layer(inputs[:1])
-    layer.router.dispatch = functools.partial(layer.router.dispatch, layout="capacity")
+    `layout="auto"` did there before the blocks. (`MoEFeedForward` takes
+    `layout="tiers"`; `DenseMoE` has no `layout` argument: its router's
+    public `layout` is set.)"""
+    layer.build(inputs.shape)
+    layer.router.layout = "tiers"
     return layer
 
 

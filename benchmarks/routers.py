@@ -7,8 +7,9 @@ and forward+backward, ratios against `token_choice`:
 - `token_choice`: `MoEFeedForward` (top-k, dropless, load-balancing loss);
 - `token_choice_bias`: the same with `balance_bias_rate` (the biased choice
   and, in training, the bias update) and no loss;
-- `expert_choice`: `MoEFeedForward(router="expert_choice")`, each expert
-  taking `top_k * n / E` of the batch's `n` tokens;
+- `expert_choice`: `MoEFeedForward(routing="expert_choice",
+  capacity_factor=1.0)`, each expert taking `top_k * n / E` of the batch's
+  `n` tokens;
 - `soft_moe`: `SoftMoE` with `top_k * tokens / E` slots per expert (as many
   expert rows per sequence as top-k token choice runs).
 
@@ -47,7 +48,11 @@ def layers(tokens, intermediate_dim, n_experts, top_k):
             **common,
         ),
         "expert_choice": lambda: MoEFeedForward(
-            intermediate_dim, n_experts, router="expert_choice", **common
+            intermediate_dim,
+            n_experts,
+            routing="expert_choice",
+            capacity_factor=1.0,
+            **common,
         ),
         "soft_moe": lambda: SoftMoE(
             intermediate_dim, n_experts, slots_per_expert=slots, activation="gelu"

@@ -159,10 +159,9 @@ def run_simulated(args):
         model = build()
         model.compile(keras.optimizers.Adam(1e-3), "mse")
     print(f"mesh: {mesh.shape} {mesh.axis_names} over {len(mesh.devices.flat)} devices")
-    for v in model.weights:
-        if "expert" in v.name:
-            shard = v.value.addressable_shards[0].data.shape
-            print(f"  {v.path:32s} {tuple(v.shape)} -> per device {shard}")
+    for row in expert_weight_shards(model):
+        shard = tuple(row["local_shards"][0])
+        print(f"  {row['path']:32s} {tuple(row['shape'])} -> per device {shard}")
 
     # One device, same weights, before training: same outputs.
     single = build()
@@ -222,15 +221,22 @@ def global_batch(args):
 
 def expert_weight_shards(model):
     """Each expert weight's shape, declared expert axis and the shapes of
-    this process's shards of it (one per local device)."""
+    this process's shards of it (one per local device).
+
+    The layers that declare expert weights (`expert_weight_axes()`) may be
+    sublayers: `MoEFeedForward`'s experts are its `FeedForwardExperts` bank.
+    """
+    from keras_moe.callbacks import layer_paths
+
     rows = []
-    for layer in model.layers:
+    for layer in layer_paths(model).values():
         declare = getattr(layer, "expert_weight_axes", None)
         if declare is None:
             continue
         axes = declare()
         for v in layer.weights:
-            if v.name in axes:
+            # The layer's own weights (a `DenseMoE`'s router has its own).
+            if v.name in axes and v.path == f"{layer.path}/{v.name}":
                 local = {tuple(s.data.shape) for s in v.value.addressable_shards}
                 local = [list(shape) for shape in local]
                 rows.append(

@@ -19,6 +19,7 @@ from benchmarks import soft_mixing
 from benchmarks import suite
 
 import keras_moe
+from keras_moe.layers import FeedForwardExperts
 from tests.conftest import BACKEND
 from tests.conftest import to_numpy
 
@@ -92,7 +93,10 @@ _CONVS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 
 def _expert_flops(layer, n_tokens):
     """FLOPs of the experts a token is routed to (2 per multiply-add)."""
-    kernels = [v for v in layer.trainable_variables if v.name.startswith("expert_")]
+    if isinstance(getattr(layer, "experts", None), FeedForwardExperts):
+        kernels = layer.experts.trainable_variables  # `MoEFeedForward`'s bank
+    else:
+        kernels = [v for v in layer.trainable_variables if "expert_" in v.name]
     kernels = [v for v in kernels if v.name.endswith("kernel")]
     assert kernels, layer
     size = sum(int(np.prod(v.shape)) for v in kernels)

@@ -9,6 +9,7 @@ import pytest
 from keras_moe import DenseMoE
 from keras_moe import MoEFeedForward
 from keras_moe.callbacks import ExpertUsage
+from keras_moe.routing import TopKRouter
 
 
 def test_expert_usage_logs_csv_and_heatmap(tmp_path):
@@ -58,7 +59,7 @@ def test_expert_usage_logs_csv_and_heatmap(tmp_path):
 def test_collapsed_router_shows_in_the_logs():
     # A router biased hard towards expert 0 sends every token there.
     layer = MoEFeedForward(
-        4, 4, top_k=1, router_bias=True, load_balance_weight=0.0, name="ffn"
+        4, 4, router=TopKRouter(4, top_k=1, use_bias=True), name="ffn"
     )
     model = keras.Sequential([keras.Input((5,)), layer])
     layer.router.bias.assign(np.array([100.0, 0.0, 0.0, 0.0], "float32"))
@@ -72,7 +73,8 @@ def test_collapsed_router_shows_in_the_logs():
 
 def _sub_model(name, n_experts, collapse):
     inputs = keras.Input((5,))
-    layer = MoEFeedForward(4, n_experts, top_k=1, router_bias=True, name="moe")
+    router = TopKRouter(n_experts, top_k=1, use_bias=True)
+    layer = MoEFeedForward(4, n_experts, router=router, name="moe")
     model = keras.Model(inputs, layer(inputs), name=name)
     if collapse:
         bias = np.zeros(n_experts, "float32")

@@ -16,6 +16,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from keras import ops
 
 import keras_moe
 from keras_moe import Conv1DMoE
@@ -24,6 +25,7 @@ from keras_moe import Conv3DMoE
 from keras_moe import DenseMoE
 from keras_moe import MoEFeedForward
 from keras_moe import SoftMoE
+from keras_moe.layers import FeedForwardExperts
 from tests import distribution_worker
 from tests.conftest import BACKEND
 from tests.conftest import REPO
@@ -271,6 +273,128 @@ def test_same_name_in_another_layer_is_left_to_the_user_map():
     assert tuple(layer.expert_kernel._layout.axes) == (None, None)
 
 
+class _DeclaredBank(keras.layers.Layer):
+    """A layer of somebody else's that declares its expert weights: a
+    `(d, E, u)` kernel split on axis 1, a per-expert bias on axis 0, and a
+    shared scale that it does not declare."""
+
+    def expert_weight_axes(self):
+        return {"kernel": 1, "bias": 0}
+
+    def build(self, input_shape):
+        with keras_moe.distribution.expert_weights(self):
+            self.kernel = self.add_weight(name="kernel", shape=(input_shape[-1], 4, 3))
+            self.bias = self.add_weight(name="bias", shape=(4, 3))
+        self.scale = self.add_weight(name="scale", shape=(3,))
+
+    def call(self, x):
+        return ops.einsum("nd,deu->nu", x, self.kernel) + ops.sum(self.bias, 0)
+
+
+class _Outer(keras.layers.Layer):
+    """Declares `kernel` on axis 0 and holds a `_DeclaredBank` whose own
+    `kernel` is on axis 1: the innermost declaration counts."""
+
+    def expert_weight_axes(self):
+        return {"kernel": 0}
+
+    def build(self, input_shape):
+        with keras_moe.distribution.expert_weights(self):
+            self.inner = _DeclaredBank(name="inner")
+            self.inner.build(input_shape)
+            self.kernel = self.add_weight(name="kernel", shape=(4, input_shape[-1]))
+
+
+@jax_only
+def test_a_layer_declares_its_expert_weights():
+    """`distribution.expert_weights(layer)`: the variables `layer` creates
+    inside, named in its `expert_weight_axes()`, are split on their axis;
+    the others are laid out by the user's entries (or replicated); the
+    paths are remembered for layouts asked later."""
+    mesh = one_device_mesh()
+    user = keras.distribution.LayoutMap(mesh)
+    user[".*scale"] = ("expert",)
+    layout_map = keras_moe.expert_parallel_layout_map(mesh, layout_map=user)
+    distribution = keras.distribution.ModelParallel(
+        layout_map=layout_map, batch_dim_name="batch"
+    )
+    with distribution.scope():
+        outer = _Outer(name="outer")
+        outer.build((2, 5))
+    bank = outer.inner
+
+    def axes(variable):  # Keras drops the trailing Nones
+        spec = tuple(variable._layout.axes)
+        return spec + (None,) * (len(variable.shape) - len(spec))
+
+    assert axes(bank.kernel) == (None, "expert", None)
+    assert axes(bank.bias) == ("expert", None)
+    assert axes(outer.kernel) == ("expert", None)
+    # Created outside the declaration: the user's entry.
+    assert axes(bank.scale) == ("expert",)
+    # Asked after creation (as when Keras defers a variable's creation).
+    assert tuple(layout_map[bank.kernel.path].axes) == (None, "expert")
+    assert tuple(layout_map[outer.kernel.path].axes) == ("expert",)
+    assert layout_map["somewhere/else/kernel"] is None
+
+
+@jax_only
+def test_expert_axis_names_the_current_maps_axis():
+    assert keras_moe.distribution.expert_axis() is None
+    mesh = one_device_mesh(("data", "experts_here"))
+    layout_map = keras_moe.expert_parallel_layout_map(mesh, expert_axis="experts_here")
+    distribution = keras.distribution.ModelParallel(
+        layout_map=layout_map, batch_dim_name="data"
+    )
+    assert keras_moe.distribution.expert_axis(distribution) == "experts_here"
+    with distribution.scope():
+        assert keras_moe.distribution.expert_axis() == "experts_here"
+    assert keras_moe.distribution.expert_axis() is None
+    # Not keras-moe's map, or no map: no expert axis.
+    plain = keras.distribution.ModelParallel(
+        layout_map=keras.distribution.LayoutMap(mesh), batch_dim_name="data"
+    )
+    assert keras_moe.distribution.expert_axis(plain) is None
+    data_parallel = keras.distribution.DataParallel(devices=["cpu:0"])
+    assert keras_moe.distribution.expert_axis(data_parallel) is None
+    # Another expert-parallel map on the same mesh: its own axis.
+    other = keras.distribution.ModelParallel(
+        layout_map=keras_moe.expert_parallel_layout_map(mesh, expert_axis="data"),
+        batch_dim_name="experts_here",
+    )
+    assert keras_moe.distribution.expert_axis(other) == "data"
+    assert keras_moe.distribution.expert_axis(distribution) == "experts_here"
+
+
+@jax_only
+def test_the_expert_axis_reaches_the_routing(monkeypatch):
+    """Under the distribution, a router lays its experts' buffer out over
+    the map's expert axis: the routing gets it as an argument."""
+    mesh = one_device_mesh(("data", "experts_here"))
+    distribution = keras.distribution.ModelParallel(
+        layout_map=keras_moe.expert_parallel_layout_map(
+            mesh, expert_axis="experts_here"
+        ),
+        batch_dim_name="data",
+    )
+    laid_out = []
+    distribute_tensor = keras.distribution.distribute_tensor
+
+    def record(x, layout):
+        laid_out.append(tuple(layout.axes))
+        return distribute_tensor(x, layout)
+
+    monkeypatch.setattr(keras.distribution, "distribute_tensor", record)
+    x = np.random.default_rng(0).normal(size=(2, 3, 5)).astype("float32")
+    with distribution.scope():
+        layer = MoEFeedForward(8, 4, routing="expert_choice", capacity_factor=1.0)
+        y = layer(x)
+    assert tuple(y.shape) == x.shape
+    # The (E, c, d) buffer and the experts' outputs on it.
+    buffers = [axes for axes in laid_out if axes[:1] == ("experts_here",)]
+    assert len(buffers) >= 2, laid_out
+
+
 @pytest.mark.parametrize(
     "layer, input_shape",
     [
@@ -283,26 +407,46 @@ def test_same_name_in_another_layer_is_left_to_the_user_map():
         (DenseMoE(6, 4, top_k=2, capacity_factor=2.0), (2, 3, 5)),
         (MoEFeedForward(8, 4, gated=True), (2, 3, 5)),
         (MoEFeedForward(8, 4, use_bias=False), (2, 5)),
-        (MoEFeedForward(8, 4, router="expert_choice"), (2, 3, 5)),
+        (
+            MoEFeedForward(8, 4, routing="expert_choice", capacity_factor=1.0),
+            (2, 3, 5),
+        ),
         (SoftMoE(8, 4, slots_per_expert=2), (2, 3, 5)),
     ],
 )
 def test_declared_expert_axes_match_the_weights(layer, input_shape):
-    """On every backend: every expert weight is declared, on its experts
-    (for the conv layers: filters) axis."""
+    """On every backend: every expert weight is declared by the layer that
+    creates it (the layer itself, or its `FeedForwardExperts` bank), on its
+    experts (for the conv layers: filters) axis; nothing else is."""
     layer.build(input_shape)
-    axes = layer.expert_weight_axes()
+    declaring = [
+        sub for sub in layer._flatten_layers() if hasattr(sub, "expert_weight_axes")
+    ]
+    assert declaring
     conv = hasattr(layer, "n_filters")
     n = layer.n_filters if conv else layer.n_experts
-    weights = {v.name: v for v in layer.weights}
-    assert set(axes) <= set(weights)
-    assert {name for name in weights if name.startswith("expert_")} <= set(axes)
-    for name, axis in axes.items():
-        shape = tuple(weights[name].shape)
-        per_expert = 1
-        if name == "expert_kernel" and conv:
-            per_expert = layer.n_experts_per_filter  # channel f * K + k
-        assert shape[axis] == n * per_expert, (name, shape, axis)
+    for sub in declaring:
+        axes = sub.expert_weight_axes()
+        # The layer's own weights, not its sublayers' (a router's, say).
+        own = {v.name: v for v in sub.weights if v.path == f"{sub.path}/{v.name}"}
+        assert set(axes) >= {name for name in own if name.startswith("expert_")}
+        if isinstance(sub, FeedForwardExperts):
+            assert set(own) <= set(axes)  # every weight of a bank is per expert
+        for name, axis in axes.items():
+            if name not in own:  # a weight this configuration does not have
+                continue
+            shape = tuple(own[name].shape)
+            per_expert = 1
+            if name == "expert_kernel" and conv:
+                per_expert = layer.n_experts_per_filter  # channel f * K + k
+            assert shape[axis] == n * per_expert, (sub.path, name, shape, axis)
+    declared = {
+        f"{sub.path}/{name}" for sub in declaring for name in sub.expert_weight_axes()
+    }
+    # No router or statistics variable is declared (they stay replicated).
+    for v in layer.weights:
+        if "/router/" in v.path or "/statistics/" in v.path:
+            assert v.path not in declared, v.path
 
 
 # Arguments and backends -----------------------------------------------------

@@ -137,7 +137,12 @@ def test_two_processes_match_one_device(tmp_path):
     # Each device holds a quarter of every expert weight of both layers.
     for p in processes:
         paths = {row["path"] for row in p["expert_weights"]}
-        assert {"moe_ffn/expert_up_kernel", "dense_moe/expert_kernel"} <= paths
+        assert {
+            "moe_ffn/experts/up_kernel",
+            "moe_ffn/experts/gate_kernel",
+            "moe_ffn/experts/down_kernel",
+            "dense_moe/expert_kernel",
+        } <= paths
         check_split(p["expert_weights"], EXPERT_SHARDS)
 
     # The checkpoint process 0 wrote loads in the launching process, on one

@@ -9,8 +9,9 @@ import numpy as np
 from keras_moe import routing
 from keras_moe.layers.soft_moe import SoftMoE
 
-# Every layer that keeps its own routing statistics.
-_ROUTING_LAYERS = (routing.TopKRouter, routing.ExpertChoiceRouter, SoftMoE)
+# Every layer that keeps its own routing statistics: the routers (any
+# `BaseRouter`, custom ones included) and Soft MoE.
+_ROUTING_LAYERS = (routing.BaseRouter, SoftMoE)
 
 
 def layer_paths(model):
@@ -42,9 +43,10 @@ def layer_paths(model):
 
 
 def sparse_routers(model):
-    """`{path: router}` for every built router of `model` (`TopKRouter`,
-    `ExpertChoiceRouter`) and every built `SoftMoE`, keyed by their paths in
-    the model (see `layer_paths`).
+    """`{path: router}` for every built router of `model` (a
+    `routing.BaseRouter`: `TopKRouter`, `ExpertChoiceRouter` or a custom
+    one) and every built `SoftMoE`, keyed by their paths in the model (see
+    `layer_paths`).
 
     A router that is a layer's `router` sublayer (as in `DenseMoE` with
     `top_k` and `MoEFeedForward`) goes by that layer's path, any other by
@@ -67,8 +69,8 @@ class ExpertUsage(keras.callbacks.Callback):
     """Records each sparse MoE layer's expert usage per epoch.
 
     At the end of every epoch it reads, for each sparse `DenseMoE`,
-    `MoEFeedForward` (either router) and `SoftMoE` of the model, and any
-    other `TopKRouter` or `ExpertChoiceRouter`, the mean routing statistics
+    `MoEFeedForward` (any router) and `SoftMoE` of the model, and any other
+    router (a `routing.BaseRouter`), the mean routing statistics
     of that epoch's training steps (`layer.routing_stats_mean()`), adds them
     to the epoch's `logs` (so `History`, `CSVLogger` and the like that come
     after it see them), appends them to a CSV file and redraws a heatmap of

@@ -22,7 +22,6 @@ one-device run's batches (see `docs/multi-host.md`).
 """
 
 import contextlib
-import weakref
 
 import keras
 import numpy as np
@@ -67,9 +66,15 @@ def check_backend():
 # while JAX traces a subclassed model's call).
 _DECLARING = []
 _EXPERT_PATHS = {}
-# The live expert-parallel layout maps, to find the expert axis of a
-# distribution from its mesh (`expert_axis`).
-_LAYOUT_MAPS = []
+# The path `expert_axis` asks a distribution's layout for: an expert-parallel
+# map answers it with its expert axis, in an `_ExpertAxis` layout (no
+# variable or layer output has a `:` in its path).
+_EXPERT_AXIS_PATH = "keras_moe:expert_axis"
+
+
+class _ExpertAxis(keras.distribution.TensorLayout):
+    """An expert-parallel map's answer to `_EXPERT_AXIS_PATH`: `axes` is
+    `(expert_axis,)`."""
 
 
 @contextlib.contextmanager
@@ -79,41 +84,54 @@ def expert_weights(layer):
     Its `expert_weight_axes()` (weight name -> expert axis) tells
     `expert_parallel_layout_map` which of the variables created inside have
     an expert axis, and where; after the context, their paths are
-    remembered for layouts asked later.
+    remembered for layouts asked later. A sublayer that declares its own
+    inside (a bank built in its host's context) keeps its declaration: the
+    host's names apply to the host's variables only.
     """
     axes = layer.expert_weight_axes()
-    _DECLARING.append(axes)
+    existing = {id(variable) for variable in layer.weights}
+    # (the declared axes, the paths declared by sublayers inside)
+    _DECLARING.append((axes, set()))
     try:
         yield
     finally:
-        _DECLARING.pop()
+        _, inner = _DECLARING.pop()
+    declared = set(inner)
     for variable in layer.weights:
+        if id(variable) in existing or variable.path in inner:
+            continue
         axis = axes.get(variable.path.rpartition("/")[2])
         if axis is not None:
             _EXPERT_PATHS[variable.path] = axis
+            declared.add(variable.path)
+    if _DECLARING:
+        _DECLARING[-1][1].update(declared)
 
 
 def _declared_axis(path):
     """The expert axis of the variable at `path`, or None."""
     name = path.rpartition("/")[2]
-    if _DECLARING and name in _DECLARING[-1]:
-        return _DECLARING[-1][name]
+    if _DECLARING and name in _DECLARING[-1][0]:
+        return _DECLARING[-1][0][name]
     return _EXPERT_PATHS.get(path)
 
 
 def expert_axis(distribution=None):
     """The mesh axis the experts are split over under `distribution` (the
     current one by default), or None when its layout map is not
-    `expert_parallel_layout_map`'s."""
+    `expert_parallel_layout_map`'s (or it has none, as `DataParallel`).
+
+    The distribution is asked through its public `get_tensor_layout`, which
+    `ModelParallel` answers from its layout map: another distribution on
+    the same mesh, with another map, gets its own answer."""
     if distribution is None:
         distribution = keras.distribution.distribution()
-    mesh = getattr(distribution, "device_mesh", None)
-    for reference in list(_LAYOUT_MAPS):
-        layout_map = reference()
-        if layout_map is None:
-            _LAYOUT_MAPS.remove(reference)
-        elif mesh is not None and layout_map.device_mesh is mesh:
-            return layout_map.expert_axis
+    get_tensor_layout = getattr(distribution, "get_tensor_layout", None)
+    if get_tensor_layout is None:
+        return None
+    layout = get_tensor_layout(_EXPERT_AXIS_PATH)
+    if isinstance(layout, _ExpertAxis):
+        return layout.axes[0]
     return None
 
 
@@ -128,7 +146,6 @@ class _ExpertParallelLayoutMap(keras.distribution.LayoutMap):
     def __init__(self, device_mesh, expert_axis):
         super().__init__(device_mesh)
         self.expert_axis = expert_axis
-        _LAYOUT_MAPS.append(weakref.ref(self))
 
     def expert_layout(self, path):
         """The expert-parallel `TensorLayout` of the variable at `path`, or None."""
@@ -140,6 +157,8 @@ class _ExpertParallelLayoutMap(keras.distribution.LayoutMap):
         )
 
     def __getitem__(self, key):
+        if key == _EXPERT_AXIS_PATH:
+            return _ExpertAxis((self.expert_axis,), self.device_mesh)
         layout = self.expert_layout(key)
         if layout is not None:
             return layout

@@ -1,6 +1,6 @@
 """The backends' grouped matmul (`keras_moe.backend.grouped_matmul`): rows
 sorted by expert times their expert's kernel, against NumPy, and the sparse
-mixture on it (`layout="rows"`) against the blocks, values and gradients."""
+mixture on it (`layout="grouped"`) against the blocks, values and gradients."""
 
 import keras
 import numpy as np
@@ -9,22 +9,25 @@ from keras import ops
 
 from keras_moe import backend
 from keras_moe import routing
+from tests.conftest import BACKEND
 from tests.conftest import to_numpy
 
-# The backends that have one: PyTorch (`torch._grouped_mm`), JAX
-# (`jax.lax.ragged_dot`, used on GPUs only); TensorFlow has none.
+# The backends that have one: PyTorch (`torch._grouped_mm`) and JAX
+# (`jax.lax.ragged_dot`, which `"auto"` takes on GPUs only: XLA emulates it
+# densely on a CPU); TensorFlow has none.
 HAS_GROUPED_MATMUL = {"torch": True, "jax": True, "tensorflow": False}
 
 
 def test_which_backends_have_one():
-    has = backend.fast_path("grouped_matmul") is not None
-    assert has == HAS_GROUPED_MATMUL[keras.backend.backend()]
-    if keras.backend.backend() == "jax":
+    has = HAS_GROUPED_MATMUL[BACKEND]
+    assert (backend.fast_path("grouped_matmul") is not None) == has
+    assert backend.grouped_matmul_available() == has
+    preferred = has
+    if BACKEND == "jax":
         import jax
 
-        # Dense emulation on CPU: `auto` keeps it to GPUs.
-        usable = backend.fast_path("grouped_matmul_usable")()
-        assert usable == (jax.default_backend() == "gpu")
+        preferred = jax.default_backend() == "gpu"
+    assert backend.grouped_matmul_preferred() == preferred
 
 
 def grouped_case():
@@ -37,18 +40,18 @@ def grouped_case():
 
 
 def test_grouped_matmul_matches_numpy():
-    grouped_matmul = backend.fast_path("grouped_matmul")
-    if grouped_matmul is None:
-        with pytest.raises(ValueError, match="layout='rows'"):
+    if not backend.grouped_matmul_available():
+        with pytest.raises(ValueError, match="Received: layout='grouped'"):
             routing.sparse_mixture(
                 np.zeros((2, 5), "float32"),
                 np.zeros((2, 1), "int32"),
                 np.ones((2, 1), "float32"),
                 4,
-                lambda layout, h: h,
-                layout="rows",
+                lambda rows, layout: rows,
+                layout="grouped",
             )
         return
+    grouped_matmul = backend.fast_path("grouped_matmul")
     x, kernel, ends = grouped_case()
     out = to_numpy(
         grouped_matmul(ops.convert_to_tensor(x), ops.convert_to_tensor(kernel), ends)
@@ -59,13 +62,13 @@ def test_grouped_matmul_matches_numpy():
         np.testing.assert_allclose(out[rows], x[rows] @ kernel[g], rtol=1e-5, atol=1e-5)
 
 
-def test_rows_layout_matches_the_blocks_with_gradients(monkeypatch):
-    """The sparse mixture on the grouped matmul (forced usable, as on a GPU)
-    gives the blocks' outputs and gradients, masked tokens included."""
-    if backend.fast_path("grouped_matmul") is None:
-        assert keras.backend.backend() == "tensorflow"
+def test_grouped_layout_matches_the_blocks_with_gradients():
+    """The sparse mixture on the grouped matmul (`layout="grouped"`, which
+    JAX runs on a CPU too when asked for) gives the blocks' outputs and
+    gradients, masked tokens included."""
+    if not backend.grouped_matmul_available():
+        assert BACKEND == "tensorflow"
         return
-    monkeypatch.setitem(backend._FAST_PATHS, "grouped_matmul_usable", lambda: True)
     rng = np.random.default_rng(1)
     n, d, m, e = 20, 6, 4, 5
     x = rng.normal(size=(n, d)).astype("float32")
@@ -81,7 +84,9 @@ def test_rows_layout_matches_the_blocks_with_gradients(monkeypatch):
                 experts,
                 weights,
                 e,
-                lambda plan, h: ops.tanh(plan.matmul(h, kernel)),
+                lambda rows, layout: ops.tanh(
+                    layout.matmul(rows, layout.select(kernel))
+                ),
                 mask=mask,
                 layout=layout,
             )
@@ -89,10 +94,14 @@ def test_rows_layout_matches_the_blocks_with_gradients(monkeypatch):
 
         return _value_and_grads(loss, x, kernel)
 
-    rows = loss_and_grads("rows")
+    grouped = loss_and_grads("grouped")
     blocks = loss_and_grads("blocks")
-    for a, b in zip(rows, blocks):
+    for a, b in zip(grouped, blocks):
         np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-5, atol=1e-5)
+    # The masked tokens' outputs and gradients are zero, not undefined rows.
+    out, x_grad, _ = (to_numpy(v) for v in grouped)
+    np.testing.assert_array_equal(out[~mask], 0.0)
+    np.testing.assert_array_equal(x_grad[~mask], 0.0)
 
 
 def _value_and_grads(loss, x, kernel):

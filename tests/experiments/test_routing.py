@@ -7,6 +7,8 @@ from keras_moe import SoftMoE
 from keras_moe import cli
 from keras_moe.experiments import common
 from keras_moe.experiments import routing
+from keras_moe.routing import ExpertChoiceRouter
+from keras_moe.routing import TopKRouter
 from tests.experiments.conftest import write_image_folder
 
 
@@ -34,13 +36,26 @@ def test_token_choice_is_the_example_network():
     args = arguments()
     model = routing.build_model("token-choice", args, (32, 32, 3), 10)
     (layer, other) = [x for x in model.layers if isinstance(x, MoEFeedForward)]
-    assert (layer.n_experts, layer.top_k, layer.intermediate_dim) == (8, 2, 128)
-    assert layer.load_balance_weight == 0.01
+    assert (layer.n_experts, layer.top_k, layer.experts.intermediate_dim) == (8, 2, 128)
+    assert layer.router.load_balance_weight == 0.01
     assert routing.moe_names(model) == ["moe_1", "moe_3"]
     # The example's ViT: same layers, same parameters.
     from examples.vit_moe_cifar10 import build_vit_moe
 
     assert common.count_params(model) == common.count_params(build_vit_moe())
+
+
+def test_expert_choice_and_the_balance_bias_are_their_routers():
+    args = arguments()
+    model = routing.build_model("expert-choice", args, (16, 16, 3), 10)
+    (layer, _) = [x for x in model.layers if isinstance(x, MoEFeedForward)]
+    assert isinstance(layer.router, ExpertChoiceRouter)
+    assert (layer.router.top_k, layer.router.capacity_factor) == (2, 1.0)
+    model = routing.build_model("token-choice-bias", args, (16, 16, 3), 10)
+    (layer, _) = [x for x in model.layers if isinstance(x, MoEFeedForward)]
+    assert isinstance(layer.router, TopKRouter)
+    assert layer.router.load_balance_weight == 0.0
+    assert layer.router.balance_bias_rate == args.balance_bias_rate > 0
 
 
 def test_quick_run_writes_results_plot_and_summary(tmp_path):

@@ -11,6 +11,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from keras import ops
 
+from keras_moe import backend
 from keras_moe import routing
 from tests.conftest import to_numpy
 
@@ -66,6 +67,19 @@ def random_case(seed, n=23, d=6, m=7, skew=0.0):
     return x, kernel, bias, logits
 
 
+def tanh_bank(kernel, bias):
+    """An expert bank `tanh(x . W_e + b_e)`, as a function of `(rows, layout)`
+    that multiplies through the layout's `select`, `matmul` and `broadcast`."""
+    kernel = ops.convert_to_tensor(kernel)
+    bias = ops.convert_to_tensor(bias)
+
+    def bank(rows, layout):
+        h = layout.matmul(rows, layout.select(kernel))
+        return ops.tanh(h + layout.broadcast(layout.select(bias)))
+
+    return bank
+
+
 def run_sparse(
     x,
     logits,
@@ -80,16 +94,12 @@ def run_sparse(
     training=None,
 ):
     weights, experts, _ = routing.top_k_gates(logits, k, normalize)
-
-    def expert_fn(layout, h):
-        return ops.tanh(layout.add_bias(layout.matmul(h, kernel), bias))
-
     out, sizes, dropped = routing.sparse_mixture(
         x,
         experts,
         weights,
         N_EXPERTS,
-        expert_fn,
+        tanh_bank(kernel, bias),
         capacity_factor,
         mask,
         layout=layout,
@@ -99,12 +109,27 @@ def run_sparse(
     return to_numpy(out), to_numpy(sizes), float(to_numpy(dropped))
 
 
-# The dropless layouts the keras.ops path can take: `sparse_mixture` arguments.
+# The dropless layouts `sparse_mixture` can take here: its arguments.
 DROPLESS_PATHS = {
     "default": {},
     "blocks": {"layout": "blocks"},
-    "capacity_fast_path": {"layout": "capacity", "factors": (1.0, 1.5)},
-    "capacity_then_blocks": {"layout": "capacity", "factors": ()},
+    "tiers_fast_path": {"layout": "tiers", "factors": (1.0, 1.5)},
+    "tiers_then_blocks": {"layout": "tiers", "factors": ()},
+}
+if backend.grouped_matmul_available():  # JAX, PyTorch
+    DROPLESS_PATHS["grouped"] = {"layout": "grouped"}
+
+# Every dropless path, and a capacity.
+CAPACITY_AND_PATHS = [(None, path) for path in sorted(DROPLESS_PATHS)] + [
+    (1.0, "default")
+]
+
+# The plan `plan_dispatch` makes for each layout `choose_layout` names.
+PLANS = {
+    "capacity": routing.CapacityLayout,
+    "tiers": routing.TieredPlan,
+    "blocks": routing.BlockLayout,
+    "grouped": routing.RowLayout,
 }
 
 
@@ -130,7 +155,7 @@ def test_top_k_gates_match_numpy(k, normalize):
     + [
         (k, True, path)
         for k in (1, 3)
-        for path in ("blocks", "capacity_fast_path", "capacity_then_blocks")
+        for path in sorted(set(DROPLESS_PATHS) - {"default"})
     ],
 )
 def test_dropless_mixture_matches_numpy(k, normalize, path):
@@ -145,66 +170,127 @@ def test_dropless_mixture_matches_numpy(k, normalize, path):
     assert dropped == 0.0
 
 
+def plan_of(x, logits, k, capacity_factor=None, mask=None, **kwargs):
+    """`(plan, choose_layout's name)` of a dispatch of these tokens."""
+    weights, experts, _ = routing.top_k_gates(logits, k)
+    plan, _ = routing.plan_dispatch(
+        x,
+        experts,
+        weights,
+        N_EXPERTS,
+        capacity_factor=capacity_factor,
+        mask=mask,
+        **kwargs,
+    )
+    name = routing.choose_layout(
+        kwargs.get("layout", "auto"),
+        capacity_factor=capacity_factor,
+        training=kwargs.get("training"),
+        features=x.shape[-1],
+        n_assignments=len(x) * k,
+        n_experts=N_EXPERTS,
+        has_grouped_matmul=backend.grouped_matmul_available(),
+        distributed=keras.distribution.distribution() is not None,
+        prefers_grouped_matmul=backend.grouped_matmul_preferred(),
+    )
+    return plan, name
+
+
 @pytest.mark.parametrize("training, d", [(True, 6), (False, 6), (True, 80)])
-def test_auto_layout_follows_training(training, d, monkeypatch):
-    """Dropless `"auto"` without a grouped matmul: the blocks for a training
-    call (no `ops.cond`, whose gradient keeps every branch's intermediates)
-    on tokens of at most twice the block size's features (here 32 rows:
-    64), the capacity tiers otherwise; with one (PyTorch), the sorted rows
-    always. The same outputs either way."""
+def test_auto_layout_follows_training(training, d):
+    """Dropless `"auto"` where the backend prefers no grouped matmul: the
+    blocks for a training call (no `ops.cond`, whose gradient keeps every
+    branch's intermediates) on tokens of at most twice the block size's
+    features (here 32 rows: 64), the capacity tiers otherwise; where it
+    prefers one (PyTorch), the sorted rows always. The same outputs either
+    way."""
     assert routing.default_block_size(23 * 2, N_EXPERTS) == 32
-    rows = routing.dispatch._grouped_matmul() is not None
-    built = []
-    for cls in (routing.BlockLayout, routing.CapacityLayout):
-
-        def record(self, *args, init=cls.__init__, **kwargs):
-            built.append(type(self).__name__)
-            init(self, *args, **kwargs)
-
-        monkeypatch.setattr(cls, "__init__", record)
     x, kernel, bias, logits = random_case(2, d=d, skew=1.0)
-    out, _, _ = run_sparse(x, logits, kernel, bias, 2, training=training)
-    # Tracing an `ops.cond` (JAX) builds both branches: the capacity tiers'
-    # last one is the blocks, so only "no capacity buffer" is telling.
-    if rows:
-        assert built == []
+    plan, name = plan_of(x, logits, 2, training=training)
+    if backend.grouped_matmul_preferred():
+        expected = routing.RowLayout
     elif training and d <= 64:
-        assert built == ["BlockLayout"]
+        expected = routing.BlockLayout
     else:
-        assert "CapacityLayout" in built
+        expected = routing.TieredPlan
+    assert type(plan) is expected is PLANS[name]
+    out, _, _ = run_sparse(x, logits, kernel, bias, 2, training=training)
     weights, experts = np_top_k_gates(logits, 2, True)
     ref, _ = np_sparse_mixture(x, experts, weights, kernel, bias)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+SETTINGS = [
+    {"layout": layout, "capacity_factor": factor, "training": training}
+    for layout, factor in [
+        ("auto", None),
+        ("tiers", None),
+        ("blocks", None),
+        ("grouped", None),
+        ("auto", 0.75),
+        ("capacity", 0.75),
+    ]
+    for training in (False, True)
+    if layout != "grouped" or backend.grouped_matmul_available()
+]
+
+
+@pytest.mark.parametrize("d", [6, 80])
+@pytest.mark.parametrize("setting", SETTINGS, ids=str)
+def test_plan_dispatch_makes_the_plan_choose_layout_names(setting, d):
+    """`plan_dispatch` runs `choose_layout` on the call's sizes and this
+    backend's grouped matmul, and makes that layout's plan, which runs the
+    experts as the NumPy reference does."""
+    setting = dict(setting)
+    capacity_factor = setting.pop("capacity_factor")
+    x, kernel, bias, logits = random_case(3, d=d)
+    plan, name = plan_of(x, logits, 2, capacity_factor, **setting)
+    assert type(plan) is PLANS[name]
+    if setting["layout"] != "auto":
+        assert name == setting["layout"]
+    out, _, _ = run_sparse(
+        x, logits, kernel, bias, 2, capacity_factor=capacity_factor, **setting
+    )
+    weights, experts = np_top_k_gates(logits, 2, True)
+    capacity = None
+    if capacity_factor is not None:
+        capacity = routing.expert_capacity(len(x), 2, N_EXPERTS, capacity_factor)
+    ref, _ = np_sparse_mixture(x, experts, weights, kernel, bias, capacity)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_skewed_routing_takes_the_exact_fallback():
     """Everything to expert 0: no capacity buffer holds it, nothing is dropped."""
     x, kernel, bias, logits = random_case(3, skew=50.0)
-    out, sizes, dropped = run_sparse(x, logits, kernel, bias, 1, layout="capacity")
+    out, sizes, dropped = run_sparse(x, logits, kernel, bias, 1, layout="tiers")
     weights, experts = np_top_k_gates(logits, 1, True)
     assert sizes[0] == len(x)
     ref, _ = np_sparse_mixture(x, experts, weights, kernel, bias)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    assert dropped == 0.0
 
 
 def test_under_a_distribution_the_exact_fallback_is_a_full_buffer(monkeypatch):
-    """Under a `keras.distribution` the dropless fallback is a capacity buffer
-    of `n` slots per expert, never the blocks (whose per-block weight copies
-    would move sharded expert weights between devices)."""
+    """Under a `keras.distribution` the dropless tiers end in a capacity
+    buffer of `n` slots per expert, which holds every assignment, so they
+    never reach the blocks (whose per-block weight copies would move sharded
+    expert weights between devices); `"auto"` never takes the blocks."""
     monkeypatch.setattr(keras.distribution, "distribution", lambda: object())
-
-    def no_blocks(*args, **kwargs):
-        raise AssertionError("the blocks layout ran under a distribution")
-
-    monkeypatch.setattr(routing.BlockLayout, "__init__", no_blocks)
     for k in (1, 2):
         x, kernel, bias, logits = random_case(3, skew=50.0)
-        out, sizes, dropped = run_sparse(x, logits, kernel, bias, k, layout="capacity")
+        plan, _ = plan_of(x, logits, k, layout="tiers")
+        assert isinstance(plan, routing.TieredPlan)
+        assert plan.capacities[-1] == len(x)
+        # One tier more than `DROPLESS_CAPACITY_FACTORS`: the full one.
+        assert len(plan.capacities) == len(routing.DROPLESS_CAPACITY_FACTORS) + 1
+        out, sizes, dropped = run_sparse(x, logits, kernel, bias, k, layout="tiers")
         weights, experts = np_top_k_gates(logits, k, True)
         assert sizes[0] == len(x)
         ref, _ = np_sparse_mixture(x, experts, weights, kernel, bias)
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
         assert dropped == 0.0
+        plan, name = plan_of(x, logits, k, training=True)
+        assert name != "blocks" and not isinstance(plan, routing.BlockLayout)
 
 
 class _FakeMesh:
@@ -243,7 +329,7 @@ def test_grouped_routing_under_a_distribution(k, monkeypatch):
     assert routing.distribution_groups(13) == (1, None)
     x, kernel, bias, logits = random_case(4, n=24, skew=1.0)
     weights, experts = np_top_k_gates(logits, k, True)
-    out, sizes, dropped = run_sparse(x, logits, kernel, bias, k, layout="capacity")
+    out, sizes, dropped = run_sparse(x, logits, kernel, bias, k, layout="tiers")
     ref, _ = np_sparse_mixture(x, experts, weights, kernel, bias)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(sizes, np.bincount(experts.ravel(), minlength=5))
@@ -265,6 +351,25 @@ def test_grouped_routing_under_a_distribution(k, monkeypatch):
         np.testing.assert_allclose(out[rows], ref, rtol=1e-4, atol=1e-5)
         total_dropped += ref_dropped / 2
     np.testing.assert_allclose(dropped, total_dropped, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "layout", sorted({"blocks", *DROPLESS_PATHS.get("grouped", {}).values()})
+)
+def test_explicit_dropless_layouts_under_a_distribution(layout, monkeypatch):
+    """An explicit `"blocks"` or `"grouped"` under a distribution with a batch
+    axis of 2: one routing over every token (dropless, the same as routing
+    groups would give), on the experts' own weights. (They ran the virtual
+    experts of the groups, `2 * E` of them, on the `E` experts' weights.)"""
+    monkeypatch.setattr(keras.distribution, "distribution", _FakeDistribution)
+    assert routing.distribution_groups(24)[0] == 2
+    x, kernel, bias, logits = random_case(5, n=24, skew=1.0)
+    weights, experts = np_top_k_gates(logits, 2, True)
+    out, sizes, dropped = run_sparse(x, logits, kernel, bias, 2, layout=layout)
+    ref, _ = np_sparse_mixture(x, experts, weights, kernel, bias)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(sizes, np.bincount(experts.ravel(), minlength=5))
+    assert dropped == 0.0
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -289,20 +394,15 @@ def test_capacity_is_capped_at_the_tokens(n):
     assert routing.expert_capacity(0, 2, 4, 1e6) == 1
 
 
-def test_a_huge_capacity_factor_builds_a_buffer_of_the_tokens(monkeypatch):
+def test_a_huge_capacity_factor_builds_a_buffer_of_the_tokens():
     from keras_moe import MoEFeedForward
-    from keras_moe.routing import dispatch
 
-    buffers = []
-
-    class Spy(dispatch.CapacityLayout):
-        def gather(self, tokens):
-            rows = super().gather(tokens)
-            buffers.append(tuple(rows.shape))
-            return rows
-
-    monkeypatch.setattr(dispatch, "CapacityLayout", Spy)
     x = np.random.default_rng(0).normal(size=(2, 3, 6)).astype("float32")
+    tokens = x.reshape(6, 6)
+    logits = np.random.default_rng(1).normal(size=(6, N_EXPERTS)).astype("float32")
+    plan, _ = plan_of(tokens, logits, 2, capacity_factor=1e6)
+    assert isinstance(plan, routing.CapacityLayout)
+    assert tuple(plan.gather(tokens).shape) == (N_EXPERTS, 6, 6)
     huge = MoEFeedForward(5, 4, top_k=2, capacity_factor=1e6)
     # E / top_k: capacity n, every assignment served.
     exact = MoEFeedForward(5, 4, top_k=2, capacity_factor=2.0)
@@ -310,7 +410,6 @@ def test_a_huge_capacity_factor_builds_a_buffer_of_the_tokens(monkeypatch):
     exact.build(x.shape)
     exact.set_weights(huge.get_weights())
     y = to_numpy(huge(x))
-    assert buffers == [(4, 6, 6)]
     np.testing.assert_allclose(y, to_numpy(exact(x)), rtol=1e-6, atol=1e-6)
     assert huge.routing_stats["dropped_fraction"] == 0.0
 
@@ -424,19 +523,6 @@ def test_load_balance_is_one_at_perfect_balance():
     assert float(to_numpy(loss)) == pytest.approx(1.0, rel=1e-6)
 
 
-def test_statistics():
-    _, _, _, logits = random_case(23, skew=1.0)
-    _, experts, _ = routing.top_k_gates(logits, 2)
-    sizes = np.bincount(to_numpy(experts).ravel(), minlength=N_EXPERTS)
-    stats = to_numpy(routing.routing_statistics(sizes, 0.25, logits))
-    np.testing.assert_allclose(stats[:N_EXPERTS], sizes / sizes.sum(), rtol=1e-6)
-    assert stats[N_EXPERTS] == pytest.approx(0.25)
-    p = np_softmax(logits.astype("float64"))
-    assert stats[N_EXPERTS + 1] == pytest.approx(
-        -(p * np.log(p)).sum(-1).mean(), rel=1e-5
-    )
-
-
 def test_noisy_logits_scale_and_seed():
     _, _, _, logits = random_case(29)
     x = np.ones((len(logits), 3), "float32")
@@ -481,8 +567,7 @@ def test_key_overflow_is_a_clear_error():
         routing.Assignments(experts, ops.zeros((2**20, 2)), 1024)
 
 
-@pytest.mark.parametrize("capacity_factor", [None, 1.0])
-@pytest.mark.parametrize("path", sorted(DROPLESS_PATHS))
+@pytest.mark.parametrize("capacity_factor, path", CAPACITY_AND_PATHS)
 def test_every_token_masked_drops_nothing(capacity_factor, path):
     """Nothing routed is nothing dropped: `dropped_fraction` 0, output 0."""
     x, kernel, bias, logits = random_case(31)
@@ -502,8 +587,7 @@ def test_every_token_masked_drops_nothing(capacity_factor, path):
     assert dropped == 0.0
 
 
-@pytest.mark.parametrize("capacity_factor", [None, 1.0])
-@pytest.mark.parametrize("path", sorted(DROPLESS_PATHS))
+@pytest.mark.parametrize("capacity_factor, path", CAPACITY_AND_PATHS)
 def test_an_empty_batch_gives_an_empty_output(capacity_factor, path):
     x, kernel, bias, logits = random_case(37, n=0)
     out, sizes, dropped = run_sparse(
@@ -530,8 +614,12 @@ def test_losses_and_statistics_of_no_token_are_zero():
         routing.router_entropy(logits),
     ):
         assert float(to_numpy(value)) == 0.0
-    stats = to_numpy(routing.routing_statistics(sizes, 0.0, logits))
-    np.testing.assert_array_equal(stats, 0.0)
+    router = routing.TopKRouter(N_EXPERTS, load_balance_weight=1.0)
+    router(np.zeros((0, 3), "float32"), training=True)
+    stats = router.routing_stats
+    np.testing.assert_array_equal(stats["expert_load"], 0.0)
+    assert stats["dropped_fraction"] == stats["router_entropy"] == 0.0
+    assert float(to_numpy(router.losses[0])) == 0.0
 
 
 def test_expert_counts_match_numpy():
@@ -547,10 +635,15 @@ def test_layout_is_checked():
     x, kernel, bias, logits = random_case(43)
     with pytest.raises(ValueError, match="`layout` must be one of"):
         run_sparse(x, logits, kernel, bias, 2, layout="nope")
-    if routing.dispatch._grouped_matmul() is None:
-        with pytest.raises(ValueError, match="layout='rows'"):
-            run_sparse(x, logits, kernel, bias, 2, layout="rows")
+    if not backend.grouped_matmul_available():
+        with pytest.raises(ValueError, match="Received: layout='grouped'"):
+            run_sparse(x, logits, kernel, bias, 2, layout="grouped")
     else:
-        out, _, _ = run_sparse(x, logits, kernel, bias, 2, layout="rows")
+        out, _, _ = run_sparse(x, logits, kernel, bias, 2, layout="grouped")
         ref, _, _ = run_sparse(x, logits, kernel, bias, 2, layout="blocks")
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    for n in (len(x), 0):  # an empty batch too
+        with pytest.raises(ValueError, match="is a dropless layout"):
+            run_sparse(
+                x[:n], logits[:n], kernel, bias, 2, capacity_factor=1.0, layout="tiers"
+            )

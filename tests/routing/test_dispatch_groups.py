@@ -26,7 +26,8 @@ from keras_moe import routing
 from tests.conftest import to_numpy
 
 D, M = 3, 2
-HAS_GROUPED_MATMUL = backend.fast_path("grouped_matmul") is not None
+# JAX's `ragged_dot` runs on a CPU too when asked for (`layout="grouped"`).
+HAS_GROUPED_MATMUL = backend.grouped_matmul_available()
 
 
 def routing_of(sizes, k, seed, n_masked=0):
@@ -114,9 +115,11 @@ RECORDS = []
 
 
 def expert_fn(layout, h, kernel, bias):
-    """`tanh(x K_e + b_e)` on the layout's rows."""
+    """`tanh(x K_e + b_e)` on the layout's rows, through the layout's
+    `select`, `matmul` and `broadcast` (the expert bank's interface)."""
     RECORDS.append((type(layout).__name__, tuple(h.shape)))
-    return ops.tanh(layout.add_bias(layout.matmul(h, kernel), bias))
+    h = layout.matmul(h, layout.select(kernel))
+    return ops.tanh(h + layout.broadcast(layout.select(bias)))
 
 
 @functools.cache
@@ -130,7 +133,7 @@ def mixture_fn(e, capacity_factor=None, **options):
             experts,
             weights,
             e,
-            lambda layout, h: expert_fn(layout, h, kernel, bias),
+            lambda rows, layout: expert_fn(layout, rows, kernel, bias),
             capacity_factor=capacity_factor,
             mask=mask,
             **options,
@@ -263,23 +266,16 @@ DROPLESS_LAYOUTS = {
     "blocks": {"layout": "blocks"},
 }
 if HAS_GROUPED_MATMUL:
-    DROPLESS_LAYOUTS["rows"] = {"layout": "rows"}
+    DROPLESS_LAYOUTS["grouped"] = {"layout": "grouped"}
 
 
 def block_of(e, k, sizes, n_masked):
     return routing.default_block_size((sum(sizes) // k + n_masked) * k, e)
 
 
-@pytest.fixture
-def grouped_matmul_on_cpu(monkeypatch):
-    """JAX's `ragged_dot` runs on CPU too, only slower: made usable here."""
-    if keras.backend.backend() == "jax":
-        monkeypatch.setitem(backend._FAST_PATHS, "grouped_matmul_usable", lambda: True)
-
-
 @pytest.mark.parametrize("layout", sorted(DROPLESS_LAYOUTS))
 @pytest.mark.parametrize("case_id", sorted(DROPLESS_CASES))
-def test_dropless_layouts_on_chosen_groups(case_id, layout, grouped_matmul_on_cpu):
+def test_dropless_layouts_on_chosen_groups(case_id, layout):
     e, k, sizes, n_masked = DROPLESS_CASES[case_id]
     case = case_arrays(e, k, sizes, n_masked, seed=zlib.crc32(case_id.encode()))
     out, extra, grads = run_mixture(case, **DROPLESS_LAYOUTS[layout])
@@ -321,7 +317,7 @@ def test_capacity_tiers_choose_at_run_time(case_id):
     case = case_arrays(e, k, sizes, n_masked, seed=zlib.crc32(case_id.encode()))
     RECORDS.clear()
     out, extra, grads = run_mixture(
-        case, layout="capacity", dropless_capacity_factors=factors
+        case, layout="tiers", dropless_capacity_factors=factors
     )
     check_against_numpy(case, out, extra, grads)
     capacities = tier_capacities(e, k, sizes, n_masked, factors)

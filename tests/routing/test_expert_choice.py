@@ -20,7 +20,6 @@ D, M = 6, 5
 
 
 def np_capacity(n, k, e, factor):
-    factor = 1.0 if factor is None else factor
     return min(n, max(1, math.ceil(factor * k * n / e)))
 
 
@@ -60,6 +59,21 @@ def random_case(n, e, seed=0):
     return x, kernel, bias, expert_kernel, expert_bias
 
 
+def tanh_bank(kernel, bias, seen=None):
+    """The experts `tanh(x . W_e + b_e)`, a function of `(rows, layout)`;
+    `seen` collects the rows they ran."""
+    kernel = ops.convert_to_tensor(kernel)
+    bias = ops.convert_to_tensor(bias)
+
+    def bank(rows, layout):
+        if seen is not None:
+            seen.append(rows)
+        h = layout.matmul(rows, layout.select(kernel))
+        return ops.tanh(h + layout.broadcast(layout.select(bias)))
+
+    return bank
+
+
 def router_with(kernel, bias, **kwargs):
     router = routing.ExpertChoiceRouter(kernel.shape[1], use_bias=True, **kwargs)
     router.build((None, kernel.shape[0]))
@@ -71,8 +85,8 @@ def router_with(kernel, bias, **kwargs):
 @pytest.mark.parametrize(
     "n, e, k, factor, masked",
     [
-        (12, 4, 2, None, False),  # n / E even: c = 6
-        (11, 4, 2, None, True),  # uneven: c = ceil(5.5) = 6
+        (12, 4, 2, 1.0, False),  # n / E even: c = 6
+        (11, 4, 2, 1.0, True),  # uneven: c = ceil(5.5) = 6
         (7, 3, 1, 1.25, True),  # uneven with a factor: c = ceil(2.92) = 3
         (9, 4, 1, 0.1, False),  # c = 1: most tokens dropped
         (5, 3, 3, 2.0, True),  # c capped at n: every expert takes every token
@@ -86,11 +100,7 @@ def test_router_and_dispatch_match_numpy(n, e, k, factor, masked):
         mask[0] = True
     router = router_with(kernel, bias, top_k=k, capacity_factor=factor)
 
-    def experts(layout, rows):
-        return ops.tanh(
-            layout.add_bias(layout.matmul(rows, expert_kernel), expert_bias)
-        )
-
+    experts = tanh_bank(expert_kernel, expert_bias)
     weights, tokens = router(x, mask=mask, training=True)
     y = to_numpy(router.dispatch(x, weights, tokens, experts, mask=mask))
     ref, taken, (load, dropped, entropy), c = np_expert_choice(
@@ -124,13 +134,7 @@ def test_masked_tokens_are_run_by_no_expert_even_with_room_to_spare():
     router = router_with(kernel, bias, top_k=2)
     weights, tokens = router(x, mask=mask)
     rows = []
-
-    def experts(layout, gathered):
-        rows.append(gathered)
-        return ops.tanh(
-            layout.add_bias(layout.matmul(gathered, expert_kernel), expert_bias)
-        )
-
+    experts = tanh_bank(expert_kernel, expert_bias, seen=rows)
     y = to_numpy(router.dispatch(x, weights, tokens, experts, mask=mask))
     assert np.isfinite(y).all() and np.all(y[~mask] == 0.0)
     assert np.count_nonzero(to_numpy(weights)) == 2 * 3
@@ -156,12 +160,12 @@ def test_statistics_count_the_dropped_tokens():
 @pytest.mark.parametrize(
     "n, k, e, factor, expected",
     [
-        (12, 2, 4, None, 6),
-        (11, 2, 4, None, 6),
+        (12, 2, 4, 1.0, 6),
+        (11, 2, 4, 1.0, 6),
         (7, 1, 3, 1.25, 3),
         (9, 1, 4, 0.1, 1),
         (5, 3, 3, 2.0, 5),
-        (0, 2, 4, None, 0),
+        (0, 2, 4, 1.0, 0),
     ],
 )
 def test_capacity(n, k, e, factor, expected):
@@ -184,8 +188,8 @@ def test_an_empty_batch_routes_nothing():
     x = np.zeros((0, D), "float32")
     weights, tokens = router(x)
     assert tuple(tokens.shape) == (3, 0)
-    kernel = np.ones((3, D, M), "float32")
-    y = router.dispatch(x, weights, tokens, lambda layout, r: layout.matmul(r, kernel))
+    experts = tanh_bank(np.ones((3, D, M), "float32"), np.zeros((3, M), "float32"))
+    y = router.dispatch(x, weights, tokens, experts)
     assert tuple(y.shape) == (0, M)
 
 
@@ -197,7 +201,8 @@ class ExpertChoiceRouterLayerTest(testing.TestCase):
             input_shape=(7, D),
             expected_output_shape=((4, 4), (4, 4)),
             expected_num_trainable_weights=2,
-            expected_num_non_trainable_weights=2,
+            # The routing statistics: 3 last values, their sums, steps.
+            expected_num_non_trainable_weights=7,
             expected_num_seed_generators=0,
             expected_num_losses=0,
             supports_masking=True,
@@ -210,7 +215,7 @@ class ExpertChoiceRouterLayerTest(testing.TestCase):
 class ExpertChoiceFeedForward(keras.layers.Layer):
     """A custom layer on `ExpertChoiceRouter`: tanh experts, as a user writes one."""
 
-    def __init__(self, units, n_experts, top_k=2, capacity_factor=None, **kwargs):
+    def __init__(self, units, n_experts, top_k=2, capacity_factor=1.0, **kwargs):
         super().__init__(**kwargs)
         self.units = units
         self.n_experts = n_experts
@@ -230,8 +235,9 @@ class ExpertChoiceFeedForward(keras.layers.Layer):
             name="bias", shape=(e, self.units), initializer="zeros"
         )
 
-    def _experts(self, layout, rows):
-        return ops.tanh(layout.add_bias(layout.matmul(rows, self.kernel), self.bias))
+    def _experts(self, rows, layout):
+        h = layout.matmul(rows, layout.select(self.kernel))
+        return ops.tanh(h + layout.broadcast(layout.select(self.bias)))
 
     def call(self, inputs, mask=None, training=None):
         tokens = ops.reshape(inputs, (-1, inputs.shape[-1]))
@@ -289,10 +295,13 @@ def test_custom_layer_fits_and_reloads(tmp_path):
     np.testing.assert_allclose(
         to_numpy(restored(x)), to_numpy(model(x)), rtol=1e-5, atol=1e-6
     )
-    np.testing.assert_allclose(
-        to_numpy(restored.layers[0].router.routing_stats_sum),
-        to_numpy(layer.router.routing_stats_sum),
-    )
+    restored_statistics = restored.layers[0].router.statistics
+    for variable in layer.router.statistics.variables:
+        np.testing.assert_allclose(
+            to_numpy(getattr(restored_statistics, variable.name)),
+            to_numpy(variable),
+            err_msg=variable.path,
+        )
     assert restored.layers[0].router.get_config() == layer.router.get_config()
 
 

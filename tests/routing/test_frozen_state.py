@@ -9,6 +9,7 @@ import pytest
 from keras_moe import DenseMoE
 from keras_moe import MoEFeedForward
 from keras_moe import SoftMoE
+from keras_moe.routing.statistics import FIELDS
 from tests.conftest import to_numpy
 
 D, E = 6, 4
@@ -17,14 +18,30 @@ LAYERS = {
     "balance_bias": lambda: MoEFeedForward(
         8, E, top_k=1, balance_bias_rate=0.1, capacity_factor=1.0
     ),
-    "expert_choice": lambda: MoEFeedForward(8, E, router="expert_choice"),
+    # One expert per token on average: alike tokens, some taken by none.
+    "expert_choice": lambda: MoEFeedForward(
+        8, E, top_k=1, routing="expert_choice", capacity_factor=1.0
+    ),
     "dense_moe": lambda: DenseMoE(D, E, top_k=2),
     "soft_moe": lambda: SoftMoE(8, E),
 }
 
 
+# The layers that never drop an assignment.
+DROPLESS = {"dense_moe", "soft_moe"}
+
+# The routing statistics of the last call, which report every call (also
+# in a frozen layer's): the state that may move is their sums, `steps` and
+# the balance bias.
+LAST = tuple(f"/statistics/{name}" for name in FIELDS)
+
+
 def state(layer):
     return {v.path: to_numpy(v).copy() for v in layer.non_trainable_weights}
+
+
+def moving(paths):
+    return [path for path in paths if not path.endswith(LAST)]
 
 
 def fit(layer, freeze):
@@ -61,9 +78,8 @@ def fit(layer, freeze):
 def test_a_frozen_layer_keeps_its_state_in_fit(kind, freeze):
     layer = LAYERS[kind]()
     before, after = fit(layer, freeze)
-    moving = [p for p in before if "routing_stats_last" not in p]
-    assert moving
-    for path in moving:
+    assert moving(before)
+    for path in moving(before):
         np.testing.assert_array_equal(after[path], before[path], err_msg=path)
     assert layer.routing_stats_mean() is None
 
@@ -72,7 +88,15 @@ def test_a_frozen_layer_keeps_its_state_in_fit(kind, freeze):
 def test_a_trainable_layer_moves_its_state_in_fit(kind):
     layer = LAYERS[kind]()
     before, after = fit(layer, None)
-    for path in before:
-        if "routing_stats_last" not in path:
-            assert not np.array_equal(after[path], before[path]), path
+    paths = moving(before)
+    assert {path.rpartition("/")[2] for path in paths} >= {
+        "expert_load_sum",
+        "router_entropy_sum",
+        "steps",
+    }
+    for path in paths:
+        if path.endswith("/dropped_fraction_sum") and kind in DROPLESS:
+            assert after[path] == 0.0, path  # nothing is ever dropped
+            continue
+        assert not np.array_equal(after[path], before[path]), path
     assert layer.routing_stats_mean()["steps"] == 2

@@ -22,7 +22,8 @@ class TopKRouterLayerTest(testing.TestCase):
             input_shape=(7, D),
             expected_output_shape=((7, 2), (7, 2)),
             expected_num_trainable_weights=2,
-            expected_num_non_trainable_weights=2,
+            # The routing statistics: 3 last values, their sums, steps.
+            expected_num_non_trainable_weights=7,
             expected_num_seed_generators=0,
             expected_num_losses=0,
             supports_masking=True,
@@ -44,7 +45,7 @@ class TopKRouterLayerTest(testing.TestCase):
             input_shape=(7, D),
             expected_output_shape=((7, 1), (7, 1)),
             expected_num_trainable_weights=2,
-            expected_num_non_trainable_weights=2,
+            expected_num_non_trainable_weights=7,
             expected_num_seed_generators=1,
             supports_masking=True,
             run_training_check=False,
@@ -113,11 +114,11 @@ def test_dispatch_runs_the_experts_and_reports_drops(capacity_factor):
     x = np.random.default_rng(3).normal(size=(10, D)).astype("float32")
     kernel = np.random.default_rng(4).normal(size=(E, D, 3)).astype("float32")
 
-    def experts_fn(layout, rows):
-        return layout.matmul(rows, kernel)
+    def expert_bank(rows, layout):
+        return layout.matmul(rows, layout.select(ops.convert_to_tensor(kernel)))
 
     weights, experts = router(x, training=True)
-    y = to_numpy(router.dispatch(x, weights, experts, experts_fn, training=True))
+    y = to_numpy(router.dispatch(x, weights, experts, expert_bank, training=True))
     w, e = to_numpy(weights), to_numpy(experts)
     ref = np.zeros((10, 3))
     served = np.zeros(E, int)
@@ -142,6 +143,7 @@ def test_config_round_trip():
         top_k=3,
         normalize_top_k=False,
         capacity_factor=1.25,
+        layout="capacity",
         noisy_gating=True,
         load_balance_weight=0.1,
         router_z_loss_weight=0.2,

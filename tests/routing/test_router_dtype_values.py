@@ -135,11 +135,10 @@ def test_moe_feed_forward_routes_in_its_router_dtype(policy, router_dtype):
     layer = MoEFeedForward(
         intermediate_dim=8,
         n_experts=N_EXPERTS,
-        top_k=1,
         activation="relu",
         gated=False,
         use_bias=False,
-        router_dtype=router_dtype,
+        router=TopKRouter(N_EXPERTS, top_k=1, router_dtype=router_dtype, dtype=policy),
         dtype=policy,
     )
     layer.build((None, D))
@@ -149,8 +148,8 @@ def test_moe_feed_forward_routes_in_its_router_dtype(policy, router_dtype):
     up = rng.uniform(0.0, 1.0, size=(N_EXPERTS, D, 8)) * ULP[compute_dtype] / 2
     down = rng.uniform(0.5, 1.0, size=(N_EXPERTS, 8, D))
     down[1::2] *= -1.0
-    layer.expert_up_kernel.assign(up.astype("float32"))
-    layer.expert_down_kernel.assign(down.astype("float32"))
+    layer.experts.up_kernel.assign(up.astype("float32"))
+    layer.experts.down_kernel.assign(down.astype("float32"))
 
     logits = to_numpy(layer.router.logits(x)).astype("float64")
     np.testing.assert_array_equal(logits, refs[router_dtype])

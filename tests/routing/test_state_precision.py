@@ -24,7 +24,9 @@ LAYERS = {
         (2, 3, D),
     ),
     "expert_choice": (
-        lambda p: MoEFeedForward(8, E, router="expert_choice", dtype=p),
+        lambda p: MoEFeedForward(
+            8, E, routing="expert_choice", capacity_factor=1.0, dtype=p
+        ),
         (2, 3, D),
     ),
     "dense_moe": (lambda p: DenseMoE(8, E, top_k=2, dtype=p), (6, D)),
@@ -33,7 +35,7 @@ LAYERS = {
 
 
 def state_holder(layer):
-    """The layer that keeps the routing statistics (a host's router)."""
+    """The layer that keeps the routing state (a host's router)."""
     router = getattr(layer, "router", None)
     return router if router is not None else layer
 
@@ -50,18 +52,24 @@ def test_state_is_float32_and_counts_past_half_precision(kind, policy):
     x = inputs(shape)
     layer(x, training=True)
     state = [v for v in layer.weights if not v.trainable]
-    assert {v.name for v in state} >= {"routing_stats_last", "routing_stats_sum"}
+    statistics = state_holder(layer).statistics
+    assert {v.path for v in state} >= {v.path for v in statistics.variables}
+    assert {v.name for v in statistics.variables} >= {
+        "expert_load_sum",
+        "router_entropy_sum",
+        "steps",
+    }
     for v in state:
         assert v.dtype == "float32", v.path
         assert keras.backend.standardize_dtype(v.value.dtype) == "float32"
-    holder = state_holder(layer)
     # As after 256 training calls, then one more: bfloat16 holds 256 but not
     # 257 (float16: 2048 but not 2049, checked below).
-    sums = to_numpy(holder.routing_stats_sum)
-    holder.routing_stats_sum.assign(np.concatenate([sums[:-1] * 256, [256.0]]))
+    load = to_numpy(statistics.expert_load_sum)
+    statistics.expert_load_sum.assign(load * 256)
+    statistics.steps.assign(256.0)
     layer(x, training=True)
     assert layer.routing_stats_mean()["steps"] == 257
-    holder.routing_stats_sum.assign(np.concatenate([sums[:-1], [2048.0]]))
+    statistics.steps.assign(2048.0)
     layer(x, training=True)
     assert layer.routing_stats_mean()["steps"] == 2049
     stats = layer.routing_stats

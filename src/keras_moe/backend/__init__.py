@@ -44,6 +44,26 @@ def fast_path(name):
     return _FAST_PATHS[name]
 
 
+def grouped_matmul_available():
+    """Whether the backend's `grouped_matmul` can run now: PyTorch's (not
+    under `torch.compile`) and JAX's (on any device: XLA emulates it densely
+    on a CPU); TensorFlow has none. `layout="grouped"` needs it."""
+    if _FAST_PATHS["grouped_matmul"] is None:
+        return False
+    available = _FAST_PATHS["grouped_matmul_available"]
+    return available is None or bool(available())
+
+
+def grouped_matmul_preferred():
+    """Whether `layout="auto"` takes the backend's `grouped_matmul`: where it
+    can run and is fast (PyTorch; JAX on a GPU outside a
+    `keras.distribution`)."""
+    if not grouped_matmul_available():
+        return False
+    preferred = _FAST_PATHS["grouped_matmul_preferred"]
+    return preferred is None or bool(preferred())
+
+
 def __getattr__(name):
     if name.startswith("__"):
         # Python's own protocols (doctest, inspect, pickle) probe for these.

@@ -11,7 +11,7 @@ active compute (every token-expert pair of the experts costs the same):
   (dropless), with the load-balancing loss (weight 0.01);
 - `token-choice-bias`: the same router balanced by a per-expert bias
   instead of a loss (DeepSeek-V3; `balance_bias_rate`, no auxiliary loss);
-- `expert-choice`: `MoEFeedForward(router="expert_choice")`, each expert
+- `expert-choice`: `MoEFeedForward(routing="expert_choice")`, each expert
   takes its `2 * tokens / 8` tokens of highest score over the batch
   (Zhou et al. 2022);
 - `soft-moe`: `SoftMoE` with `2 * 64 / 8 = 16` slots per expert, i.e. 128
@@ -150,7 +150,11 @@ def moe_layer(name, args, mlp_dim, n_tokens, index):
             "balance_bias_rate": args.balance_bias_rate,
         }
     else:
-        options = {"router": "expert_choice", "load_balance_weight": 0.0}
+        options = {
+            "routing": "expert_choice",
+            "capacity_factor": 1.0,
+            "load_balance_weight": 0.0,
+        }
     return MoEFeedForward(
         mlp_dim,
         args.n_experts,

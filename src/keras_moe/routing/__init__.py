@@ -27,6 +27,7 @@ from keras_moe.routing.balance import update_balance_bias
 from keras_moe.routing.base_router import BaseRouter
 from keras_moe.routing.dispatch import DROPLESS_CAPACITY_FACTORS
 from keras_moe.routing.dispatch import LAYOUTS
+from keras_moe.routing.dispatch import TieredPlan
 from keras_moe.routing.dispatch import choose_layout
 from keras_moe.routing.dispatch import plan_dispatch
 from keras_moe.routing.dispatch import sparse_mixture
@@ -74,6 +75,7 @@ __all__ = [
     "Layout",
     "RoutingStatistics",
     "RowLayout",
+    "TieredPlan",
     "TopKRouter",
     "balance_bias_delta",
     "balanced_top_k_gates",

@@ -42,10 +42,9 @@ DROPLESS_CAPACITY_FACTORS = (1.25, 1.5, 2.0)
 #   run time), else padded blocks;
 # - "blocks": dropless, each expert's group padded to a multiple of a block;
 # - "grouped": dropless, the sorted rows themselves, multiplied by the
-#   backend's grouped matmul (PyTorch; JAX on a GPU).
+#   backend's grouped matmul (PyTorch, JAX; `"auto"` takes it on PyTorch
+#   and on a GPU under JAX).
 LAYOUTS = ("auto", "capacity", "tiers", "blocks", "grouped")
-DROPLESS_LAYOUTS = ("tiers", "blocks", "grouped")
-
 
 
 def _renamed_layout(layout, capacity_factor):
@@ -57,8 +56,8 @@ def _renamed_layout(layout, capacity_factor):
     if new is None:
         return layout
     utils.warn_deprecated(
-        f"`layout={layout!r}`" + (" without a capacity factor" if new == "tiers" else ""),
-        f"`layout={new!r}`",
+        f"layout={layout!r}" + (" without a capacity_factor" if new == "tiers" else ""),
+        f"layout={new!r}",
         removed_in="0.4.0",
         stacklevel=3,
     )
@@ -67,16 +66,12 @@ def _renamed_layout(layout, capacity_factor):
 
 def grouped_matmul():
     """`(matmul, preferred)`: the backend's grouped matmul if it can run now
-    (else None), and whether `"auto"` should take it (JAX's emulates it
-    densely on a CPU: it runs there, but only when asked for)."""
-    matmul = backend.fast_path("grouped_matmul")
-    if matmul is None:
+    (else None), and whether `"auto"` takes it
+    (`keras_moe.backend.grouped_matmul_preferred`: JAX's runs on a CPU, but
+    only when asked for)."""
+    if not backend.grouped_matmul_available():
         return None, False
-    available = backend.fast_path("grouped_matmul_available")
-    if available is not None and not available():
-        return None, False
-    preferred = backend.fast_path("grouped_matmul_preferred")
-    return matmul, preferred is None or preferred()
+    return backend.fast_path("grouped_matmul"), backend.grouped_matmul_preferred()
 
 
 def check_layout(layout, capacity_factor):
@@ -114,9 +109,11 @@ def choose_layout(
 
     A pure function of the setting and the sizes. An explicit `layout` is
     kept; `"auto"` takes `"capacity"` with a `capacity_factor`, else
-    `"grouped"` where the backend has a grouped matmul (`has_grouped_matmul`),
+    `"grouped"` where the backend's grouped matmul can run
+    (`has_grouped_matmul`) and is preferred (`prefers_grouped_matmul`),
     else `"blocks"` in training (`training`) outside a `keras.distribution`
-    for tokens of at most twice the block size's `features` (each block
+    (`distributed`) for tokens of at most twice the block size's
+    `features` (`default_block_size`; each block
     copies its expert's weights, which for wider tokens outweigh its rows;
     the capacity tiers' run-time `ops.cond` costs in the backward, where the
     gradient keeps every branch's intermediates), else `"tiers"` (cheaper
@@ -129,10 +126,21 @@ def choose_layout(
         features: The tokens' feature count `d` (None if unknown).
         n_assignments: `tokens * top_k` (a Python int, or None if dynamic).
         n_experts: Python int.
-        has_grouped_matmul: Whether the backend's grouped matmul can run.
+        has_grouped_matmul: Whether the backend's grouped matmul can run
+            (`keras_moe.backend.grouped_matmul_available()`); `"grouped"`
+            needs it.
         distributed: Whether a `keras.distribution` is set.
         prefers_grouped_matmul: Whether `"auto"` takes the grouped matmul
-            (None: when it can run).
+            where it can run (`keras_moe.backend.grouped_matmul_preferred()`;
+            None: whenever it can run).
+
+    Returns:
+        The layout's name.
+
+    Raises:
+        ValueError: for a `layout` not in `LAYOUTS`, a dropless layout with
+            a `capacity_factor`, `"capacity"` without one, and `"grouped"`
+            without a grouped matmul.
 
     Example:
 
@@ -148,8 +156,9 @@ def choose_layout(
         if layout == "grouped" and not has_grouped_matmul:
             raise ValueError(
                 "`layout='grouped'` needs a backend grouped matmul, which the "
-                f"{keras.backend.backend()!r} backend does not have here "
-                "(PyTorch has one; JAX on a GPU). Received: layout='grouped'"
+                f"{keras.backend.backend()!r} backend cannot run here (JAX has "
+                "one, and PyTorch outside `torch.compile`). "
+                "Received: layout='grouped'"
             )
         return layout
     if capacity_factor is not None:
@@ -216,7 +225,7 @@ def sparse_mixture(
         int32 assignments per expert, float32 dropped share of the routed
         assignments (0 in dropless mode, and when nothing was routed).
     """
-    layout = _renamed_layout(layout, capacity_factor)
+    layout = check_layout(_renamed_layout(layout, capacity_factor), capacity_factor)
     run_experts = dispatch_runner(expert_bank)
     if experts.shape[0] == 0:
         empty = EmptyLayout(experts.shape[-1])
@@ -250,21 +259,12 @@ def plan_dispatch(
     expert_axis=None,
 ):
     """The plan of one dispatch (`sparse_mixture`'s arguments, without the
-    bank): `(plan, group_sizes)`. `plan.run(tokens, run_experts)` runs it."""
-    groups, constrain = distribution_groups(experts.shape[0], expert_axis)
-    if groups > 1:
-        # Each batch shard routes its own tokens (GShard's groups): group `g`'s
-        # assignments to expert `e` go to the virtual expert `g * e_count + e`,
-        # so one sort makes a `(groups, experts, capacity)` buffer whose
-        # blocks live where both the group's tokens and the expert's weights
-        # are.
-        per_group = experts.shape[0] // groups
-        group = ops.arange(experts.shape[0], dtype="int32") // per_group
-        experts = experts + ops.expand_dims(group * n_experts, 1)
-    a = Assignments(experts, weights, groups * n_experts, mask)
-    group_sizes = a.group_sizes
-    if groups > 1:
-        group_sizes = ops.sum(ops.reshape(group_sizes, (groups, n_experts)), axis=0)
+    bank): `(plan, group_sizes)`, the plan of the layout `choose_layout`
+    names: a `CapacityLayout` (`"capacity"`), `TieredPlan` (`"tiers"`),
+    `BlockLayout` (`"blocks"`) or `RowLayout` (`"grouped"`).
+    `plan.run(tokens, run_experts)` runs it."""
+    n_tokens, top_k = experts.shape
+    total = n_tokens * top_k if isinstance(n_tokens, int) else None
     distributed = keras.distribution.distribution() is not None
     matmul, preferred = grouped_matmul()
     name = choose_layout(
@@ -272,22 +272,32 @@ def plan_dispatch(
         capacity_factor=capacity_factor,
         training=training,
         features=tokens.shape[-1],
-        n_assignments=a.total if isinstance(a.total, int) else None,
+        n_assignments=total,
         n_experts=n_experts,
         has_grouped_matmul=matmul is not None,
         distributed=distributed,
         prefers_grouped_matmul=preferred,
     )
+    if name == "grouped":
+        a = Assignments(experts, weights, n_experts, mask)
+        return RowLayout(a, matmul), a.group_sizes
+    if name == "blocks":
+        # Dropless without capacity buffers: one routing over every token
+        # gives what routing groups would, and the blocks' experts stay real.
+        a = Assignments(experts, weights, n_experts, mask)
+        return BlockLayout(a), a.group_sizes
+    a, groups, constrain = _grouped_assignments(
+        experts, weights, n_experts, mask, expert_axis
+    )
+    group_sizes = a.group_sizes
+    if groups > 1:
+        group_sizes = ops.sum(ops.reshape(group_sizes, (groups, n_experts)), axis=0)
     # Tokens per group: a scalar tensor for a dynamic batch (TensorFlow's
     # graph mode), which never has groups.
     group_tokens = a.n_tokens // groups
     if name == "capacity":
         capacity = expert_capacity(group_tokens, a.top_k, n_experts, capacity_factor)
         return CapacityLayout(a, capacity, groups, constrain), group_sizes
-    if name == "grouped":
-        return RowLayout(a, matmul), group_sizes
-    if name == "blocks":
-        return BlockLayout(a), group_sizes
     factors = tuple(dropless_capacity_factors)
     if distributed:
         # Under a distribution the blocks would copy every block's expert
@@ -299,6 +309,22 @@ def plan_dispatch(
         expert_capacity(group_tokens, a.top_k, n_experts, factor) for factor in factors
     ]
     return TieredPlan(a, tiers, groups, constrain), group_sizes
+
+
+def _grouped_assignments(experts, weights, n_experts, mask, expert_axis):
+    """`(assignments, groups, constrain)`: the assignments sorted by routing
+    group and expert (`distribution_groups`)."""
+    groups, constrain = distribution_groups(experts.shape[0], expert_axis)
+    if groups > 1:
+        # Each batch shard routes its own tokens (GShard's groups): group `g`'s
+        # assignments to expert `e` go to the virtual expert `g * e_count + e`,
+        # so one sort makes a `(groups, experts, capacity)` buffer whose
+        # blocks live where both the group's tokens and the expert's weights
+        # are.
+        per_group = experts.shape[0] // groups
+        group = ops.arange(experts.shape[0], dtype="int32") // per_group
+        experts = experts + ops.expand_dims(group * n_experts, 1)
+    return Assignments(experts, weights, groups * n_experts, mask), groups, constrain
 
 
 class TieredPlan:
@@ -345,8 +371,9 @@ def dispatch_runner(expert_bank):
         return lambda layout, rows: expert_bank(rows, layout=layout)
     if not callable(expert_bank):
         raise TypeError(
-            "`expert_bank` must be a layer called as `expert_bank(rows, "
-            "layout=...)`, such as `keras_moe.layers.FeedForwardExperts`. "
+            "`expert_bank` must be a layer (or a function) called as "
+            "`expert_bank(rows, layout=...)`, such as "
+            "`keras_moe.layers.FeedForwardExperts`. "
             f"Received: expert_bank={expert_bank!r}"
         )
     parameters = inspect.signature(expert_bank).parameters

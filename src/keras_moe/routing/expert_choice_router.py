@@ -39,7 +39,8 @@ class ExpertChoiceRouter(BaseRouter):
         n_experts: Positive integer, number of experts `E`.
         top_k: Integer from 1 to `n_experts`, average experts per token.
         capacity_factor: Positive float `f` (1.0 by default), scaling the
-            tokens each expert takes.
+            tokens each expert takes. (`None`, which 0.2.0 read as 1.0, is
+            deprecated: it warns and means 1.0.)
         router_z_loss_weight: Non-negative weight of the router z-loss
             `mean(logsumexp(z)^2)` (ST-MoE), added in training.
         use_bias: Whether the logits have a bias `b_r`.
@@ -115,9 +116,8 @@ class ExpertChoiceRouter(BaseRouter):
     ):
         if capacity_factor is None:
             utils.warn_deprecated(
-                "`ExpertChoiceRouter(capacity_factor=None)`",
-                "`capacity_factor=1.0` (None means dropless in the token-choice "
-                "router)",
+                "ExpertChoiceRouter(capacity_factor=None)",
+                "ExpertChoiceRouter(capacity_factor=1.0)",
                 removed_in="0.4.0",
             )
             capacity_factor = 1.0
@@ -169,8 +169,7 @@ class ExpertChoiceRouter(BaseRouter):
         self.statistics.record(**stats, training=training)
         return weights, tokens
 
-    def dispatch(self, inputs, weights, indices, expert_bank, mask=None,
-                 training=None):
+    def dispatch(self, inputs, weights, indices, expert_bank, mask=None, training=None):
         """Runs `expert_bank` on the tokens each expert took: `(tokens, m)`
         (`routing.expert_choice_mixture` on the `(weights, tokens)` that
         `call` returned)."""

@@ -210,9 +210,7 @@ class Layout:
         if a is None or isinstance(a.total, int):
             return compute()
         empty = EmptyLayout(a.top_k)
-        return ops.cond(
-            a.total > 0, compute, lambda: empty.run(tokens, run_experts)
-        )
+        return ops.cond(a.total > 0, compute, lambda: empty.run(tokens, run_experts))
 
 
 ExpertAxisLayout = Layout
@@ -338,6 +336,8 @@ class RowLayout(Layout):
         return self._defined(gather_rows(tokens, self._rows_token))
 
     def matmul(self, x, kernel):
+        # A backend's grouped matmul takes tensors, not a `keras.Variable`.
+        kernel = ops.convert_to_tensor(kernel)
         y = self._grouped_matmul(self._defined(x), kernel, self._group_ends)
         return self._defined(y)
 

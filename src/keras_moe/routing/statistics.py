@@ -73,7 +73,9 @@ class RoutingStatistics(saved_formats.LegacyLoading, keras.layers.Layer):
         for name, shape in FIELDS.items():
             setattr(self, name, self._state(name, shape(self.n_experts)))
         for name, shape in FIELDS.items():
-            setattr(self, f"{name}_sum", self._state(f"{name}_sum", shape(self.n_experts)))
+            setattr(
+                self, f"{name}_sum", self._state(f"{name}_sum", shape(self.n_experts))
+            )
         self.steps = self._state("steps", ())
         self.built = True
 
@@ -87,8 +89,13 @@ class RoutingStatistics(saved_formats.LegacyLoading, keras.layers.Layer):
             autocast=False,
         )
 
-    def record(self, expert_load=None, dropped_fraction=None, router_entropy=None,
-               training=None):
+    def record(
+        self,
+        expert_load=None,
+        dropped_fraction=None,
+        router_entropy=None,
+        training=None,
+    ):
         """Stores the given statistics of one call (a `None` one keeps its
         value) and, in training calls of a trainable layer, adds them to the
         sums. `steps` counts the calls whose `expert_load` is given (one per
@@ -112,9 +119,7 @@ class RoutingStatistics(saved_formats.LegacyLoading, keras.layers.Layer):
     def last(self):
         """The last call's statistics, as NumPy values and floats."""
         self._check_built()
-        return self._as_dict(
-            {name: getattr(self, name).value for name in FIELDS}
-        )
+        return self._as_dict({name: getattr(self, name).value for name in FIELDS})
 
     def mean(self):
         """The means over the training calls since `reset`, with `steps`
