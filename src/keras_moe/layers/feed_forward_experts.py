@@ -285,7 +285,9 @@ class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
         """Weight name -> its experts axis (`keras_moe.expert_parallel_layout_map`)."""
         return dict.fromkeys(self.weight_names.values(), 0)
 
-    def compute_output_shape(self, input_shape, layout=None):
+    def compute_output_shape(self, input_shape):
+        # One argument: Keras passes it the shape of the first input (the
+        # rows, in any layout), whatever the other call arguments.
         return tuple(input_shape)
 
     def get_config(self):
