@@ -143,3 +143,19 @@ def test_gemma4_bank_runs_as_feed_forward_experts():
     np.testing.assert_allclose(
         to_numpy(bank(tokens, dispatch)), mixed, rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gemma4"])
+def test_a_symbolic_call_of_a_bank_has_the_tokens_shape(family):
+    """The banks take symbolic inputs as `FeedForwardExperts` does: the
+    mixed tokens have the tokens' shape."""
+    model = sparsify(families.backbone(family))
+    bank = layers_of(model, FeedForwardExperts)[0]
+    tokens = keras.Input((families.D,), batch_size=6)
+    if family == "gemma4":
+        outputs = bank(tokens, keras.Input((4,), batch_size=6))
+    else:
+        weights = keras.Input((2,), batch_size=6)
+        experts = keras.Input((2,), batch_size=6, dtype="int32")
+        outputs = bank(tokens, gates=(weights, experts))
+    assert tuple(outputs.shape) == (6, families.D)

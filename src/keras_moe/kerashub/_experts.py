@@ -55,9 +55,6 @@ class KerasHubExperts(FeedForwardExperts):
         )
         return outputs
 
-    def compute_output_shape(self, input_shape, layout=None, gates=None):
-        return tuple(input_shape)
-
 
 class KerasHubMixtralExperts(KerasHubExperts):
     """Mixtral's experts (`MixtralMoeExperts`): gated, no biases."""
@@ -120,9 +117,6 @@ class KerasHubGemma4Experts(KerasHubExperts):
         weights, experts = ops.top_k(dispatch_weights, self.top_k)
         gates = (weights, ops.cast(experts, "int32"))
         return super().call(inputs, gates=gates, training=training)
-
-    def compute_output_shape(self, input_shape, dispatch_weights=None, layout=None):
-        return tuple(input_shape)
 
     def get_config(self):
         return {**super().get_config(), "top_k": self.top_k}
