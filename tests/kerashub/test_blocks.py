@@ -3,8 +3,6 @@ router logits (or scores, or dispatch weights), the auxiliary loss with each
 family's mask, and the compute router under mixed precision (the router
 values for both `router_dtype` settings: `test_router_values.py`)."""
 
-import types
-
 import keras
 import numpy as np
 import pytest
@@ -25,6 +23,21 @@ from tests.kerashub.families import FAMILIES
 
 D, M, E = 16, 6, 4
 BATCH, LENGTH = 4, 16
+
+
+class Gemma4Holder(keras.layers.Layer):
+    """A stand-in for Gemma 4's decoder block: its router and expert bank."""
+
+    enable_moe_block = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.moe_router = Gemma4Router(E, 2, dtype=self.dtype_policy)
+        self.moe_expert_bank = Gemma4MoEBlock(E, D, M, dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        self.moe_router.build(input_shape)
+        self.moe_expert_bank.build((None, D))
 
 
 def make_block(family, dtype=None):
@@ -48,15 +61,8 @@ def make_block(family, dtype=None):
     elif family == "gpt_oss":
         block = GptOssSparseMoeBlock(D, M, E, top_k=2, **kw)
     else:
-        block = types.SimpleNamespace(
-            enable_moe_block=True,
-            moe_router=Gemma4Router(E, 2, **kw),
-            moe_expert_bank=Gemma4MoEBlock(E, D, M, **kw),
-        )
-        block.moe_router.build((None, None, D))
-        block.moe_expert_bank.build((None, D))
-    if family != "gemma4":
-        block.build((None, None, D))
+        block = Gemma4Holder(**kw)
+    block.build((None, None, D))
     layers = (
         [block.moe_router, block.moe_expert_bank] if family == "gemma4" else [block]
     )
@@ -100,8 +106,8 @@ def losses(block, family):
 
 
 def sparsify_block(block, router_dtype="compute"):
-    owner = type(block) if not isinstance(block, types.SimpleNamespace) else None
-    key = _blocks.Gemma4TextDecoderBlock if owner is None else owner
+    owner = _blocks.SPARSE_CLASSES.get(type(block), type(block))
+    key = _blocks.Gemma4TextDecoderBlock if owner is Gemma4Holder else owner
     _blocks.SPARSIFIERS[key](block, router_dtype)
     return block
 
@@ -169,30 +175,33 @@ def test_bfloat16_compute_router_picks_kerashub_experts(family):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_reaches_the_dispatch(family, training, monkeypatch):
-    """A training call of a sparsified backbone dispatches as one (the blocks
-    layout, without the capacity tiers' `ops.cond`), an inference call
-    through the capacity tiers; Gemma 4's expert bank, whose `call` takes no
-    `training`, reads it from Keras's call context."""
-    from keras_moe import routing
+    """A training call of a sparsified backbone plans its dispatch as one
+    (the blocks layout, without the capacity tiers' `ops.cond`), an
+    inference call as the capacity tiers; GPT-OSS's block and Gemma 4's
+    decoder pass no `training` to their banks, which Keras fills from the
+    outer call. Observed through the plans `plan_dispatch` returns."""
     from keras_moe.kerashub import sparsify
+    from keras_moe.routing import dispatch
     from tests.kerashub import families
 
-    built = []
-    for cls in (routing.BlockLayout, routing.CapacityLayout, routing.RowLayout):
+    planned = []
 
-        def record(self, *args, init=cls.__init__, **kwargs):
-            built.append(type(self).__name__)
-            init(self, *args, **kwargs)
+    def plan_dispatch(*args, plan=dispatch.plan_dispatch, **kwargs):
+        result = plan(*args, **kwargs)
+        planned.append((kwargs["training"], type(result[0]).__name__))
+        return result
 
-        monkeypatch.setattr(cls, "__init__", record)
+    monkeypatch.setattr(dispatch, "plan_dispatch", plan_dispatch)
     backbone = sparsify(families.backbone(family))
     backbone(families.inputs(family), training=training)
-    if routing.dispatch._grouped_matmul() is not None:  # PyTorch: sorted rows
-        assert set(built) == {"RowLayout"}
-    elif training:
-        assert set(built) == {"BlockLayout"}
+    assert planned
+    assert {seen for seen, _ in planned} == {training}
+    matmul, preferred = dispatch.grouped_matmul()
+    if matmul is not None and preferred:  # PyTorch: the sorted rows
+        expected = "RowLayout"
     else:
-        assert "CapacityLayout" in built
+        expected = "BlockLayout" if training else "TieredPlan"
+    assert {plan for _, plan in planned} == {expected}
 
 
 def test_mixtral_router_jitter_in_training():

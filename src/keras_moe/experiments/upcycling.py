@@ -8,7 +8,7 @@ downloaded or tokenized). A tiny Mistral-style decoder (KerasHub's
 feed-forward of 128) learns to predict the next byte of random 128-byte
 windows. It trains dense for `--dense-steps`; then, from that checkpoint,
 (a) `dense` continues as it is and (b) `upcycled` is the same model turned by
-`keras_moe.kerashub.upcycle` into a `MixtralBackbone` whose every
+`keras_moe.upcycling.kerashub` into a `MixtralBackbone` whose every
 feed-forward block is 8 copies of itself, top-2 (run sparse by
 `keras_moe.kerashub.sparsify`); both train `--continue-steps` more steps on
 the same batches, each with a fresh Adam of the same settings. Validation
@@ -244,7 +244,7 @@ def train(model, x, y, args, val, first_step, history, timer):
 
 def run_repeat(args, train_data, val, repeat):
     from keras_moe.kerashub import sparsify
-    from keras_moe.kerashub.upcycle_causal_lm import upcycle_causal_lm
+    from keras_moe.upcycling.kerashub_causal_lm import upcycle_causal_lm
 
     seed = common.seed_run(args, repeat)
     rng = np.random.default_rng(seed)

@@ -54,8 +54,7 @@ def sparsify(model, router_dtype="compute"):
     results by the router's sparse weights, zero for all but the top-k. This
     replaces, in place, the computation of each MoE block of `model` by
     keras-moe's sparse routing: each token's `top_k` chosen experts run on it
-    and no other (`keras_moe.routing.sparse_mixture`, dropless), with
-    `MoEFeedForward`'s experts on the block's own variables. Compute and
+    and no other (`keras_moe.routing.sparse_mixture`, dropless). Compute and
     memory of the experts then grow with `top_k`, not with the number of
     experts.
 
@@ -64,11 +63,20 @@ def sparsify(model, router_dtype="compute"):
     (`enable_moe_block=True`), as backbones or task models
     (`MixtralCausalLM`, ...).
 
+    What happens to the weights: each block's KerasHub expert bank
+    (`expert_bank`; GPT-OSS's `experts`, Gemma 4's `moe_expert_bank`) is
+    replaced by a `keras_moe.layers.FeedForwardExperts` built with the same
+    variable names, shapes, paths and order, which takes over the old
+    variables' values and the old bank's attribute and place; the old bank
+    and its variables leave the model. The routers, shared experts and all
+    other weights are KerasHub's own variables, untouched. So the model has
+    the same number of weights, in the same order, with the same values,
+    and a checkpoint (`save_weights`/`load_weights`) moves between the
+    sparsified model and an unsparsified one both ways. The experts are then
+    a keras-moe layer that owns its variables.
+
     What stays the same:
 
-    - The weights: no variable is added, removed or copied; their number and
-      paths do not change, and a checkpoint (`save_weights`/`load_weights`)
-      moves between the sparsified model and an unsparsified one both ways.
     - Each block's contract: what it returns (Mixtral's and Qwen's
       `(outputs, router_logits)`, GPT-OSS's `(outputs, router_scores)`,
       Gemma 4's dispatch weights and mixed outputs), how the padding mask
@@ -92,15 +100,17 @@ def sparsify(model, router_dtype="compute"):
     loadable where keras-moe is not installed, and keeps KerasHub's classes
     (and their configs) the only definition of the model.
 
-    A model that was already compiled and run traces its train, predict and
-    generate functions anew at their next call (`sparsify` drops them); a
-    model that contains `model`, built before, must be recompiled.
+    Call it before `compile`: the experts' variables are new objects, which
+    an optimizer built before does not know (compile again). A model
+    compiled before traces its predict and generate functions anew at their
+    next call (`sparsify` drops them); a model that contains `model`, built
+    before, must be recompiled.
 
-    Under a `keras.distribution` (JAX), call it after creating the model in
-    the distribution's scope and before `compile`: the expert weights of the
-    sparsified blocks are then laid out again by the distribution's layout
-    map, which for `keras_moe.expert_parallel_layout_map` shards them along
-    their experts axis (each bank declares its expert weights with
+    Under a `keras.distribution` (JAX), call it in the distribution's scope
+    (or with it set globally): the experts' variables are created then, and
+    the distribution's layout map lays them out as it does any keras-moe
+    expert weights; `keras_moe.expert_parallel_layout_map` shards them
+    along their experts axis (each bank declares its expert weights with
     `expert_weight_axes()`).
 
     Args:
@@ -152,9 +162,11 @@ def sparsify(model, router_dtype="compute"):
     router_dtype = utils.check_choice("router_dtype", router_dtype, ROUTER_DTYPES)
     # After the version check: KerasHub's internals are those of 0.32.
     from keras_moe.kerashub import _blocks
+    from keras_moe.kerashub import _experts
 
-    banks = []
-    for layer in model._flatten_layers(include_self=False):
+    replaced = []
+    layers = list(model._flatten_layers(include_self=True))
+    for layer in layers[1:]:
         cls = _blocks.SPARSE_CLASSES.get(type(layer), type(layer))
         sparsifier = _blocks.SPARSIFIERS.get(cls)
         if sparsifier is None:
@@ -167,14 +179,14 @@ def sparsify(model, router_dtype="compute"):
                         f"{layer.name!r} of type {type(layer).__name__}"
                     )
             continue
-        banks += sparsifier(layer, router_dtype)
-    if not banks:
+        replaced += sparsifier(layer, router_dtype)
+    if not replaced:
         raise ValueError(
             "`model` has no MoE block that `sparsify` knows. It sparsifies "
             f"these KerasHub families: {', '.join(FAMILIES)}. Received: "
             f"model of type {type(model).__name__}"
         )
-    _lay_out_experts(model, banks)
+    _experts.forget_old_variables(layers, replaced)
     _forget_compiled_functions(model)
     return model
 
@@ -189,29 +201,3 @@ def _forget_compiled_functions(model):
             setattr(layer, name, None)
         if hasattr(layer, "generate_function"):
             layer.generate_function = None
-
-
-def _lay_out_experts(model, banks):
-    """Lays the expert weights out again under the current distribution.
-
-    The model's variables were laid out when they were created, when the
-    expert banks did not declare their expert weights yet. Each one is now
-    asked of the distribution again (the layout map finds its bank among
-    the model's layers) and moved where that layout puts it.
-    """
-    distribution = keras.distribution.distribution()
-    if distribution is None or not banks:
-        return
-    with keras.name_scope(model.name, caller=model):
-        for bank in banks:
-            names = bank.expert_weight_axes()
-            for variable in bank.weights:
-                if variable.path.rpartition("/")[2] not in names:
-                    continue
-                layout = distribution.get_tensor_layout(variable.path)
-                if layout is None:
-                    continue
-                # Keras keeps a variable's layout in `_layout` and applies it
-                # on every assignment; there is no public way to change it.
-                variable._layout = layout
-                variable.assign(variable.value)

@@ -106,8 +106,10 @@ class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
     (4, 3, 16)
     """
 
-    # The name of each weight's variable (subclasses that run another
-    # model's expert bank on its own variable names override it).
+    # The name of each weight's variable, in the order `build` creates them
+    # (the order of saved files). A subclass that runs another model's
+    # expert bank on that model's variable names and order overrides it,
+    # listing the weights it has.
     weight_names = {name: name for name, _ in WEIGHTS}
 
     def __init__(
@@ -212,10 +214,17 @@ class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
                 f"defined. Received: input_shape={tuple(input_shape)}"
             )
         shapes = self.weight_shapes(d)
+        missing = sorted(set(shapes) - set(self.weight_names))
+        if missing:
+            raise ValueError(
+                f"`{type(self).__name__}.weight_names` must name every weight "
+                f"this bank has. Received: no name for {missing}"
+            )
+        kinds = dict(WEIGHTS)
         with distribution.expert_weights(self):
-            for name, kind in WEIGHTS:
+            for name in self.weight_names:
                 if name in shapes:
-                    weight = self._add_expert_weight(name, kind, shapes[name])
+                    weight = self._add_expert_weight(name, kinds[name], shapes[name])
                     setattr(self, name, weight)
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: d})
 
@@ -290,6 +299,8 @@ class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
         return {self.weight_names[name]: 0 for name in self.weight_shapes(None)}
 
     def compute_output_shape(self, input_shape):
+        # One argument: Keras passes it the shape of the first input (the
+        # rows, in any layout), whatever the other call arguments.
         return tuple(input_shape)
 
     def get_config(self):

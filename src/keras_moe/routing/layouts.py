@@ -359,7 +359,10 @@ class EmptyLayout(Layout):
         return ops.zeros((0, kernel.shape[-1]), x.dtype)
 
     def broadcast(self, vector):
-        return vector[:0]
+        # A constant, not `vector[:0]`: TensorFlow's graph mode crashes the
+        # process (SIGFPE) multiplying the constant empty rows of `matmul`
+        # by an empty slice of a variable (an expert bank's output scale).
+        return ops.zeros((0,) + tuple(vector.shape[1:]), vector.dtype)
 
     def combine(self, expert_outputs):
         return ops.reshape(expert_outputs, (0, expert_outputs.shape[-1]))

@@ -9,14 +9,15 @@ training continues from the dense network's quality. `expert_noise` breaks
 that symmetry on purpose (and with it the exactness).
 
 For KerasHub's dense language models (Mistral, Llama, Qwen3), see
-`keras_moe.kerashub.upcycle`, which turns a whole backbone into KerasHub's
-MoE backbone of the same family.
+`keras_moe.kerashub.upcycle` (`keras_moe.upcycling.kerashub`), which turns a
+whole backbone into KerasHub's MoE backbone of the same family.
 """
 
 import keras
 import numpy as np
 
 from keras_moe import utils
+from keras_moe.layers.feed_forward_experts import FeedForwardExperts
 from keras_moe.layers.moe_feed_forward import MoEFeedForward
 
 __all__ = ["upcycle_feed_forward", "expert_copies"]
@@ -125,6 +126,106 @@ def _bias(name, value, size):
     return bias
 
 
+class _DenseBlock:
+    """A dense feed-forward block's kernels, biases, activation and dtype
+    policy, from `upcycle_feed_forward`'s arguments, checked.
+
+    Attributes: `kernels` and `biases` (`"up"`, `"gate"`, `"down"` -> NumPy
+    array or None), `d`, `m`, `gated`, `activation`, `policy` (the dtype
+    policy of the first `Dense` given, or None).
+    """
+
+    def __init__(self, up, down, gate, up_bias, down_bias, activation):
+        up_kernel, up_layer_bias, up_activation, up_policy = _dense_parts("up", up)
+        down_kernel, down_layer_bias, down_activation, down_policy = _dense_parts(
+            "down", down
+        )
+        self.d, self.m = d, m = up_kernel.shape
+        if down_kernel.shape != (m, d):
+            raise ValueError(
+                f"`down` must have a kernel of shape ({m}, {d}) for an `up` kernel "
+                f"of shape ({d}, {m}). Received: down kernel of shape "
+                f"{down_kernel.shape}"
+            )
+        if down_activation is not None:
+            raise ValueError(
+                "`down` must be a `Dense` without activation (an expert's output "
+                "projection is linear). Received: down with activation="
+                f"{down_activation}"
+            )
+        self.gated = gate is not None
+        gate_kernel, gate_bias, own_activation, gate_policy = None, None, None, None
+        if self.gated:
+            gate_kernel, gate_bias, own_activation, gate_policy = self._gate(
+                gate, up_activation
+            )
+        else:
+            own_activation = up_activation
+        self.kernels = {"up": up_kernel, "gate": gate_kernel, "down": down_kernel}
+        self.biases = {
+            "up": self._bias("up_bias", up_bias, up_layer_bias, m),
+            "gate": gate_bias,
+            "down": self._bias("down_bias", down_bias, down_layer_bias, d),
+        }
+        self.activation = self._activation(activation, own_activation)
+        policies = (up_policy, gate_policy, down_policy)
+        self.policy = next((p for p in policies if p is not None), None)
+
+    def _gate(self, gate, up_activation):
+        """`_dense_parts` of the gate, checked against `up`."""
+        parts = _dense_parts("gate", gate)
+        if parts[0].shape != (self.d, self.m):
+            raise ValueError(
+                f"`gate` must have a kernel of shape ({self.d}, {self.m}), as "
+                f"`up`'s. Received: gate kernel of shape {parts[0].shape}"
+            )
+        if up_activation is not None:
+            raise ValueError(
+                "`up` must be a `Dense` without activation in a gated block (the "
+                "activation is the gate's). Received: up with activation="
+                f"{up_activation}"
+            )
+        return parts
+
+    @staticmethod
+    def _bias(name, given, layer_bias, size):
+        """The bias given as an argument or by the `Dense` layer (not both)."""
+        if layer_bias is None:
+            return _bias(name, given, size)
+        if given is not None:
+            layer = name.removesuffix("_bias")
+            raise ValueError(
+                f"`{name}` must be None when `{layer}` is a `Dense` layer (its "
+                "bias is used). Received: both"
+            )
+        return layer_bias
+
+    def _activation(self, activation, own_activation):
+        """`activation`, or the given `Dense` layer's (they must agree)."""
+        if activation is None:
+            if own_activation is None:
+                where = "`gate`" if self.gated else "`up`"
+                raise ValueError(
+                    f"`activation` must be given when {where} is a kernel or a "
+                    "`Dense` without activation (the dense block's hidden "
+                    "activation). Received: activation=None"
+                )
+            return own_activation
+        activation = utils.get_activation("activation", activation)
+        if own_activation is not None and own_activation is not activation:
+            own_name = getattr(own_activation, "__name__", own_activation)
+            raise ValueError(
+                "`activation` must be None or the activation of the given "
+                f"`Dense` layer. Received: activation={activation.__name__!r}, "
+                f"layer activation={own_name!r}"
+            )
+        return activation
+
+    @property
+    def use_bias(self):
+        return any(bias is not None for bias in self.biases.values())
+
+
 def upcycle_feed_forward(
     up,
     down,
@@ -192,9 +293,10 @@ def upcycle_feed_forward(
         name: Optional layer name.
 
     Returns:
-        A built `MoEFeedForward` (`gated`, `use_bias`, `gate_bias` and
-        `activation` as the dense block's, a missing up or down bias as
-        zeros, `normalize_top_k=True`).
+        A built `MoEFeedForward` of a `FeedForwardExperts` (`gated`,
+        `use_bias`, `use_gate_bias` and `activation` as the dense block's, a
+        missing up or down bias as zeros) and a `TopKRouter` whose top-k
+        weights are renormalised (`normalize_top_k=True`).
 
     Example:
 
@@ -215,113 +317,54 @@ def upcycle_feed_forward(
         - Komatsuzaki et al., "Sparse Upcycling: Training Mixture-of-Experts
           from Dense Checkpoints", ICLR 2023 (arXiv:2212.05055, 2022).
     """
-    up_kernel, up_layer_bias, up_activation, up_policy = _dense_parts("up", up)
-    down_kernel, down_layer_bias, down_activation, down_policy = _dense_parts(
-        "down", down
-    )
-    d, m = up_kernel.shape
-    if down_kernel.shape != (m, d):
-        raise ValueError(
-            f"`down` must have a kernel of shape ({m}, {d}) for an `up` kernel of "
-            f"shape ({d}, {m}). Received: down kernel of shape {down_kernel.shape}"
-        )
-    if down_activation is not None:
-        raise ValueError(
-            "`down` must be a `Dense` without activation (an expert's output "
-            f"projection is linear). Received: down with activation={down_activation}"
-        )
-    gated = gate is not None
-    gate_kernel, gate_bias, gate_activation, gate_policy = None, None, None, None
-    if gated:
-        gate_kernel, gate_bias, gate_activation, gate_policy = _dense_parts(
-            "gate", gate
-        )
-        if gate_kernel.shape != (d, m):
-            raise ValueError(
-                f"`gate` must have a kernel of shape ({d}, {m}), as `up`'s. "
-                f"Received: gate kernel of shape {gate_kernel.shape}"
-            )
-        if up_activation is not None:
-            raise ValueError(
-                "`up` must be a `Dense` without activation in a gated block (the "
-                "activation is the gate's). Received: up with activation="
-                f"{up_activation}"
-            )
-    if up_layer_bias is not None and up_bias is not None:
-        raise ValueError(
-            "`up_bias` must be None when `up` is a `Dense` layer (its bias is "
-            "used). Received: both"
-        )
-    if down_layer_bias is not None and down_bias is not None:
-        raise ValueError(
-            "`down_bias` must be None when `down` is a `Dense` layer (its bias is "
-            "used). Received: both"
-        )
-    up_bias = _bias("up_bias", up_bias, m) if up_layer_bias is None else up_layer_bias
-    down_bias = (
-        _bias("down_bias", down_bias, d) if down_layer_bias is None else down_layer_bias
-    )
-    own_activation = gate_activation if gated else up_activation
-    if activation is None:
-        if own_activation is None:
-            where = "`gate`" if gated else "`up`"
-            raise ValueError(
-                f"`activation` must be given when {where} is a kernel or a `Dense` "
-                "without activation (the dense block's hidden activation). "
-                "Received: activation=None"
-            )
-        activation = own_activation
-    else:
-        activation = utils.get_activation("activation", activation)
-        if own_activation is not None and own_activation is not activation:
-            raise ValueError(
-                "`activation` must be None or the activation of the given "
-                f"`Dense` layer. Received: activation={activation.__name__!r}, "
-                f"layer activation={getattr(own_activation, '__name__', own_activation)!r}"
-            )
+    block = _DenseBlock(up, down, gate, up_bias, down_bias, activation)
+    n_experts = utils.check_positive_int("n_experts", n_experts)
+    expert_noise = utils.check_non_negative_float("expert_noise", expert_noise)
     if seed is not None:
         seed = utils.check_positive_int("seed", seed, minimum=0)
-    rng = np.random.default_rng(seed)
-    if dtype is None:
-        dtype = next(
-            (p for p in (up_policy, gate_policy, down_policy) if p is not None), None
-        )
-    use_bias = up_bias is not None or down_bias is not None or gate_bias is not None
+    router_initializer = utils.get_initializer("router_initializer", router_initializer)
+    dtype = block.policy if dtype is None else dtype
+    experts = FeedForwardExperts(
+        block.m,
+        n_experts,
+        activation=block.activation,
+        gated=block.gated,
+        use_bias=block.use_bias,
+        use_gate_bias=block.biases["gate"] is not None,
+        dtype=dtype,
+        name="experts",
+    )
     layer = MoEFeedForward(
-        intermediate_dim=m,
-        n_experts=n_experts,
         top_k=top_k,
-        activation=activation,
-        gated=gated,
-        use_bias=use_bias,
-        gate_bias=gate_bias is not None,
-        normalize_top_k=True,
         capacity_factor=capacity_factor,
         load_balance_weight=load_balance_weight,
         router_z_loss_weight=router_z_loss_weight,
         router_initializer=router_initializer,
+        experts=experts,
         dtype=dtype,
         name=name,
     )
-    n_experts = layer.n_experts
-    expert_noise = utils.check_non_negative_float("expert_noise", expert_noise)
-    layer.build((None, d))
-    layer.expert_up_kernel.assign(
-        expert_copies(up_kernel, n_experts, expert_noise, rng)
-    )
-    if gated:
-        layer.expert_gate_kernel.assign(
-            expert_copies(gate_kernel, n_experts, expert_noise, rng)
-        )
-    layer.expert_down_kernel.assign(
-        expert_copies(down_kernel, n_experts, expert_noise, rng)
-    )
-    if use_bias:
-        # Biases are copied exactly: noise on them would only shift the outputs.
-        up_bias = np.zeros((m,), up_kernel.dtype) if up_bias is None else up_bias
-        down_bias = np.zeros((d,), up_kernel.dtype) if down_bias is None else down_bias
-        layer.expert_up_bias.assign(expert_copies(up_bias, n_experts))
-        layer.expert_down_bias.assign(expert_copies(down_bias, n_experts))
-    if gate_bias is not None:
-        layer.expert_gate_bias.assign(expert_copies(gate_bias, n_experts))
+    layer.build((None, block.d))
+    _copy_into(layer.experts, block, expert_noise, np.random.default_rng(seed))
     return layer
+
+
+def _copy_into(experts, block, expert_noise, rng):
+    """Sets every expert of a built `FeedForwardExperts` to the dense block:
+    kernels with `expert_noise`, biases exactly (noise on them would only
+    shift the outputs), a missing up or down bias as zeros."""
+    n_experts = experts.n_experts
+    for name in ("up", "gate", "down"):
+        kernel = block.kernels[name]
+        if kernel is not None:
+            copies = expert_copies(kernel, n_experts, expert_noise, rng)
+            getattr(experts, f"{name}_kernel").assign(copies)
+    if not block.use_bias:
+        return
+    dtype = block.kernels["up"].dtype
+    for name, size in (("up", block.m), ("down", block.d), ("gate", block.m)):
+        bias = block.biases[name]
+        if bias is None and name != "gate":
+            bias = np.zeros((size,), dtype)
+        if bias is not None:
+            getattr(experts, f"{name}_bias").assign(expert_copies(bias, n_experts))

@@ -25,172 +25,12 @@ import keras_hub
 import numpy as np
 
 from keras_moe import utils
-from keras_moe.upcycling import expert_copies
+from keras_moe.upcycling import _kerashub_targets
+from keras_moe.upcycling.feed_forward import expert_copies
 
 __all__ = ["upcycle"]
 
-MOE_LAYERS = ("all", "every_other")
 QK_NORM_EPSILON = ("rescale", "target")
-
-
-def families():
-    """dense backbone class -> (MoE backbone class, dense CausalLM, MoE CausalLM)."""
-    models = keras_hub.models
-    mixtral = (models.MixtralBackbone, models.MixtralCausalLM)
-    qwen3_moe = (models.Qwen3MoeBackbone, models.Qwen3MoeCausalLM)
-    return {
-        models.MistralBackbone: (*mixtral, models.MistralCausalLM),
-        models.LlamaBackbone: (*mixtral, models.LlamaCausalLM),
-        models.Llama3Backbone: (*mixtral, models.Llama3CausalLM),
-        models.Qwen3Backbone: (*qwen3_moe, models.Qwen3CausalLM),
-    }
-
-
-def _supported():
-    return ", ".join(f"{c.__name__} -> {t[0].__name__}" for c, t in families().items())
-
-
-def _family(backbone):
-    if isinstance(backbone, keras_hub.models.CausalLM):
-        raise TypeError(
-            "`backbone` must be a KerasHub backbone; for a `CausalLM` use "
-            "`keras_moe.kerashub.upcycle_causal_lm`. Received: backbone of type "
-            f"{type(backbone).__name__}"
-        )
-    known = families()
-    cls = type(backbone)
-    if cls not in known:
-        moe = {target for target, _, _ in known.values()}
-        already = " (already a mixture of experts)" if cls in moe else ""
-        raise ValueError(
-            "`backbone` must be a dense KerasHub backbone that has an MoE "
-            f"counterpart with the same attention: {_supported()}. Received: "
-            f"backbone of type {cls.__name__}{already}"
-        )
-    return known[cls]
-
-
-def _check_moe_layers(moe_layers, num_layers):
-    if isinstance(moe_layers, str):
-        moe_layers = utils.check_choice("moe_layers", moe_layers, MOE_LAYERS)
-        if moe_layers == "every_other" and num_layers < 2:
-            raise ValueError(
-                "`moe_layers` must select at least one decoder layer; "
-                "'every_other' selects layers 1, 3, 5, ... Received: "
-                f"moe_layers='every_other', num_layers={num_layers}"
-            )
-        return moe_layers
-    if not isinstance(moe_layers, (list, tuple, range)) or not all(
-        utils._is_int(i) for i in moe_layers
-    ):
-        raise TypeError(
-            f"`moe_layers` must be one of {list(MOE_LAYERS)} or a sequence of "
-            f"decoder layer indices. Received: moe_layers={moe_layers!r}"
-        )
-    layers = sorted({int(i) for i in moe_layers})
-    if not layers or layers[0] < 0 or layers[-1] >= num_layers:
-        raise ValueError(
-            "`moe_layers` must hold at least one decoder layer index from 0 to "
-            f"{num_layers - 1}. Received: moe_layers={list(moe_layers)!r}"
-        )
-    return layers
-
-
-def _mixtral_config(backbone, n_experts, top_k, moe_layers, load_balance_weight):
-    name = type(backbone).__name__
-    if moe_layers != "all" and moe_layers != list(range(backbone.num_layers)):
-        raise ValueError(
-            f"`moe_layers` must be 'all' when upcycling a `{name}`: its MoE "
-            "counterpart `MixtralBackbone` makes every decoder layer a mixture of "
-            f"experts and cannot mix dense and MoE layers. Received: "
-            f"moe_layers={moe_layers!r}"
-        )
-    config = {
-        "vocabulary_size": backbone.vocabulary_size,
-        "num_layers": backbone.num_layers,
-        "num_query_heads": backbone.num_query_heads,
-        "hidden_dim": backbone.hidden_dim,
-        "intermediate_dim": backbone.intermediate_dim,
-        "num_key_value_heads": backbone.num_key_value_heads,
-        "num_experts": n_experts,
-        "top_k": top_k,
-        "rope_max_wavelength": backbone.rope_max_wavelength,
-        "layer_norm_epsilon": backbone.layer_norm_epsilon,
-        "dropout": backbone.dropout,
-    }
-    if load_balance_weight is not None:
-        config["router_aux_loss_coef"] = load_balance_weight
-    if isinstance(backbone, keras_hub.models.MistralBackbone):
-        head_dim = backbone.head_dim
-        if head_dim is not None and head_dim != (
-            backbone.hidden_dim // backbone.num_query_heads
-        ):
-            raise ValueError(
-                "`backbone` must have `head_dim` None or `hidden_dim // "
-                "num_query_heads`: `MixtralBackbone` has no `head_dim` argument. "
-                f"Received: {name} with head_dim={head_dim}, "
-                f"hidden_dim={backbone.hidden_dim}, "
-                f"num_query_heads={backbone.num_query_heads}"
-            )
-        config["rope_scaling_factor"] = backbone.rope_scaling_factor
-        config["sliding_window"] = backbone.sliding_window
-    else:
-        scaling = {
-            key: getattr(backbone, key)
-            for key in (
-                "rope_frequency_adjustment_factor",
-                "rope_low_freq_factor",
-                "rope_high_freq_factor",
-                "rope_pretraining_sequence_length",
-            )
-        }
-        if any(value is not None for value in scaling.values()):
-            raise ValueError(
-                "`backbone` must not use Llama 3.1's RoPE frequency scaling: "
-                "`MixtralBackbone`'s rotary embedding has none. Received: "
-                f"{name} with "
-                + ", ".join(f"{key}={value}" for key, value in scaling.items())
-            )
-        # KerasHub's `LlamaRotaryEmbedding` ignores its position scaling factor
-        # (Mixtral's divides its frequencies by it): the dense model uses 1.
-        config["rope_scaling_factor"] = 1.0
-        config["sliding_window"] = None
-    return config
-
-
-def _qwen3_moe_config(backbone, n_experts, top_k, moe_layers, load_balance_weight):
-    config = {
-        "vocabulary_size": backbone.vocabulary_size,
-        "num_layers": backbone.num_layers,
-        "num_query_heads": backbone.num_query_heads,
-        "num_key_value_heads": backbone.num_key_value_heads,
-        "hidden_dim": backbone.hidden_dim,
-        "intermediate_dim": backbone.intermediate_dim,
-        "moe_intermediate_dim": backbone.intermediate_dim,
-        "num_experts": n_experts,
-        "head_dim": backbone.head_dim,
-        "top_k": top_k,
-        # Renormalised top-k weights: what makes the copies exact.
-        "norm_top_k_prob": True,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": [],
-        "rope_max_wavelength": backbone.rope_max_wavelength,
-        "rope_scaling_factor": backbone.rope_scaling_factor,
-        "layer_norm_epsilon": backbone.layer_norm_epsilon,
-        "dropout": backbone.dropout,
-        "tie_word_embeddings": backbone.tie_word_embeddings,
-        "sliding_window_size": backbone.sliding_window_size,
-    }
-    if moe_layers == "every_other":
-        # Qwen's own convention: layers 1, 3, 5, ... are sparse.
-        config["decoder_sparse_step"] = 2
-    elif moe_layers != "all":
-        config["mlp_only_layers"] = [
-            i for i in range(backbone.num_layers) if i not in moe_layers
-        ]
-    if load_balance_weight is not None:
-        config["router_aux_loss_coefficient"] = load_balance_weight
-    return config
 
 
 class _Copier:
@@ -380,15 +220,10 @@ def upcycle(
         - Komatsuzaki et al., "Sparse Upcycling: Training Mixture-of-Experts
           from Dense Checkpoints", ICLR 2023 (arXiv:2212.05055, 2022).
     """
-    target_cls, _, _ = _family(backbone)
+    target_cls, _, _ = _kerashub_targets.family_of(backbone)
     n_experts = utils.check_positive_int("n_experts", n_experts)
-    top_k = utils.check_positive_int("top_k", top_k)
-    if top_k > n_experts:
-        raise ValueError(
-            "`top_k` must be an integer from 1 to `n_experts`. "
-            f"Received: top_k={top_k}, n_experts={n_experts}"
-        )
-    moe_layers = _check_moe_layers(moe_layers, backbone.num_layers)
+    top_k = utils.check_top_k(top_k, n_experts)
+    moe_layers = _kerashub_targets.check_moe_layers(moe_layers, backbone.num_layers)
     expert_noise = utils.check_non_negative_float("expert_noise", expert_noise)
     if load_balance_weight is not None:
         load_balance_weight = utils.check_non_negative_float(
@@ -406,30 +241,17 @@ def upcycle(
     _check_not_quantized(backbone)
 
     if target_cls is keras_hub.models.MixtralBackbone:
-        config = _mixtral_config(
+        config = _kerashub_targets.mixtral_config(
             backbone, n_experts, top_k, moe_layers, load_balance_weight
         )
     else:
-        config = _qwen3_moe_config(
+        config = _kerashub_targets.qwen3_moe_config(
             backbone, n_experts, top_k, moe_layers, load_balance_weight
         )
     target = target_cls(**config, dtype=backbone.dtype_policy)
-    rng = np.random.default_rng(seed)
     copier = _Copier(target)
-
-    source_embedding, target_embedding = (
-        backbone.token_embedding,
-        target.token_embedding,
-    )
-    copier.assign(target_embedding.embeddings, _numpy(source_embedding.embeddings))
-    if not target_embedding.tie_weights:
-        if source_embedding.tie_weights:
-            reverse = _numpy(source_embedding.embeddings).T
-        else:
-            reverse = _numpy(source_embedding.reverse_embeddings)
-        copier.assign(target_embedding.reverse_embeddings, reverse)
-    copier.copy_layer(target.layer_norm, backbone.layer_norm)
-
+    _copy_embeddings(copier, backbone, target)
+    rng = np.random.default_rng(seed)
     layers = zip(backbone.transformer_layers, target.transformer_layers)
     for index, (source, decoder) in enumerate(layers):
         copier.copy_layer(decoder._self_attention_layer, source._self_attention_layer)
@@ -458,6 +280,21 @@ def upcycle(
                 )
     copier.check_complete()
     return target
+
+
+def _copy_embeddings(copier, backbone, target):
+    """The token embedding, the output projection (untied when the target
+    has its own) and the final norm."""
+    source_embedding = backbone.token_embedding
+    target_embedding = target.token_embedding
+    copier.assign(target_embedding.embeddings, _numpy(source_embedding.embeddings))
+    if not target_embedding.tie_weights:
+        if source_embedding.tie_weights:
+            reverse = _numpy(source_embedding.embeddings).T
+        else:
+            reverse = _numpy(source_embedding.reverse_embeddings)
+        copier.assign(target_embedding.reverse_embeddings, reverse)
+    copier.copy_layer(target.layer_norm, backbone.layer_norm)
 
 
 def _initial_value(initializer, variable, seed, index):

@@ -2,11 +2,15 @@
 into an MoEFeedForward with the same function at initialisation, against a
 float64 NumPy reference; expert noise; save/load; bad arguments."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
 
+from keras_moe import FeedForwardExperts
 from keras_moe import MoEFeedForward
+from keras_moe.routing import TopKRouter
 from keras_moe.upcycling import expert_copies
 from keras_moe.upcycling import upcycle_feed_forward
 from tests.conftest import to_numpy
@@ -110,7 +114,14 @@ def test_kernels_upcycle_to_the_same_function(activation, gated, biases):
         down_bias=w["down_bias"],
     )
     assert isinstance(layer, MoEFeedForward) and layer.built
-    assert (layer.gated, layer.use_bias, layer.normalize_top_k) == (gated, biases, True)
+    assert isinstance(layer.experts, FeedForwardExperts)
+    assert isinstance(layer.router, TopKRouter)
+    experts, router = layer.experts, layer.router
+    assert (experts.gated, experts.use_bias, router.normalize_top_k) == (
+        gated,
+        biases,
+        True,
+    )
     x = RNG.normal(size=(2, 3, D)).astype("float32")
     assert_relative_close(layer(x), np_block(w, activation, x))
 
@@ -135,6 +146,26 @@ def test_a_gate_bias_is_kept():
     assert_relative_close(layer(x), np_block(w, "silu", x))
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_the_layer_is_composed_without_deprecated_options(gated):
+    """The experts, router and options are 0.3.0's: no keras-moe deprecation
+    warns, and the config saves the sublayers (no moved option of 0.2.0)."""
+    w = dense_block("gelu", gated=gated, biases=True, gate_bias=gated)
+    up, down, gate = dense_layers(w, "gelu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer = upcycle_feed_forward(
+            up, down, n_experts=E, gate=gate, top_k=3, capacity_factor=2.0
+        )
+        config = layer.get_config()
+    # (PyTorch's backend warns of NumPy's `copy` keyword on its own.)
+    assert not [w for w in caught if "keras-moe" in str(w.message)]
+    assert layer.experts.use_gate_bias is gated
+    assert (layer.router.top_k, layer.router.capacity_factor) == (3, 2.0)
+    assert config["format_version"] == 2
+    assert not {"gate_bias", "normalize_top_k", "intermediate_dim"} & set(config)
+
+
 def test_every_expert_is_a_copy_and_any_router_keeps_the_function():
     w = dense_block("gelu", gated=True, biases=True)
     layer = upcycle_feed_forward(
@@ -148,10 +179,10 @@ def test_every_expert_is_a_copy_and_any_router_keeps_the_function():
         router_initializer="zeros",
     )
     for e in range(E):
-        np.testing.assert_array_equal(to_numpy(layer.expert_up_kernel)[e], w["up"])
-        np.testing.assert_array_equal(to_numpy(layer.expert_gate_kernel)[e], w["gate"])
-        np.testing.assert_array_equal(to_numpy(layer.expert_down_kernel)[e], w["down"])
-        np.testing.assert_array_equal(to_numpy(layer.expert_up_bias)[e], w["up_bias"])
+        np.testing.assert_array_equal(to_numpy(layer.experts.up_kernel)[e], w["up"])
+        np.testing.assert_array_equal(to_numpy(layer.experts.gate_kernel)[e], w["gate"])
+        np.testing.assert_array_equal(to_numpy(layer.experts.down_kernel)[e], w["down"])
+        np.testing.assert_array_equal(to_numpy(layer.experts.up_bias)[e], w["up_bias"])
     np.testing.assert_array_equal(to_numpy(layer.router.kernel), 0.0)
     x = RNG.normal(size=(6, D)).astype("float32")
     expected = np_block(w, "gelu", x)
@@ -184,7 +215,7 @@ def test_a_one_sided_bias_is_completed_with_zeros():
     layer = upcycle_feed_forward(
         w["up"], w["down"], n_experts=E, activation="relu", down_bias=w["down_bias"]
     )
-    np.testing.assert_array_equal(to_numpy(layer.expert_up_bias), 0.0)
+    np.testing.assert_array_equal(to_numpy(layer.experts.up_bias), 0.0)
     x = RNG.normal(size=(6, D)).astype("float32")
     assert_relative_close(layer(x), np_block(w, "relu", x))
 
@@ -202,8 +233,8 @@ def test_expert_noise_is_relative_seeded_and_breaks_only_the_symmetry():
     )
     layer = upcycle_feed_forward(w["up"], w["down"], **kwargs)
     again = upcycle_feed_forward(w["up"], w["down"], **kwargs)
-    up = to_numpy(layer.expert_up_kernel)
-    np.testing.assert_array_equal(up, to_numpy(again.expert_up_kernel))
+    up = to_numpy(layer.experts.up_kernel)
+    np.testing.assert_array_equal(up, to_numpy(again.experts.up_kernel))
     # The seed's NumPy stream: the same on every backend.
     expected = expert_copies(w["up"], E, 0.1, np.random.default_rng(3))
     np.testing.assert_allclose(up, expected, rtol=1e-6)
@@ -211,7 +242,7 @@ def test_expert_noise_is_relative_seeded_and_breaks_only_the_symmetry():
     assert not np.allclose(up[0], up[1])
     np.testing.assert_allclose(noise.std(), 0.1 * w["up"].std(), rtol=0.15)
     # Biases are copied exactly.
-    np.testing.assert_array_equal(to_numpy(layer.expert_down_bias)[2], w["down_bias"])
+    np.testing.assert_array_equal(to_numpy(layer.experts.down_bias)[2], w["down_bias"])
     x = RNG.normal(size=(6, D)).astype("float32")
     out, dense = to_numpy(layer(x)), np_block(w, "silu", x)
     error = np.max(np.abs(out - dense)) / np.max(np.abs(dense))
@@ -240,7 +271,7 @@ def test_half_precision_kernels_upcycle_exactly(dtype, as_tensor):
     )
     # Every expert holds the half-precision values exactly (float32 weights).
     for name in ("up", "gate", "down"):
-        kernels = to_numpy(getattr(layer, f"expert_{name}_kernel"))
+        kernels = to_numpy(getattr(layer.experts, f"{name}_kernel"))
         for kernel in kernels:
             np.testing.assert_array_equal(kernel, half[name].astype("float32"))
     x = RNG.normal(size=(6, D)).astype("float32")
@@ -253,7 +284,7 @@ def test_dtype_policy_follows_the_dense_layers():
     up, down, _ = dense_layers(w, "relu")
     layer = upcycle_feed_forward(up, down, n_experts=E)
     assert layer.dtype_policy.name == "mixed_float16"
-    assert layer.expert_up_kernel.dtype == "float32"
+    assert layer.experts.up_kernel.dtype == "float32"
     x = RNG.normal(size=(6, D)).astype("float32")
     out = to_numpy(layer(x)).astype("float32")
     np.testing.assert_allclose(out, np_block(w, "relu", x), rtol=2e-2, atol=2e-2)

@@ -1,4 +1,5 @@
-"""keras_moe.kerashub.upcycle and upcycle_causal_lm: dense KerasHub backbones
+"""keras_moe.upcycling.kerashub's upcycle and upcycle_causal_lm (also
+`keras_moe.kerashub.upcycle` and `upcycle_causal_lm`): dense KerasHub backbones
 and CausalLMs into their MoE family (Mistral and Llama -> Mixtral, Qwen3 ->
 Qwen3-MoE), exact at initialisation on every backend; the options (layers,
 router, noise, Qwen3's q/k norm epsilon); save/reload; generation with a
@@ -17,8 +18,8 @@ from tests.conftest import to_numpy
 try:
     import keras_hub
 
-    from keras_moe.kerashub.upcycle import upcycle
-    from keras_moe.kerashub.upcycle_causal_lm import upcycle_causal_lm
+    from keras_moe.upcycling.kerashub import upcycle
+    from keras_moe.upcycling.kerashub_causal_lm import upcycle_causal_lm
 except ImportError as error:
     keras_hub = None
     IMPORT_ERROR = error
@@ -435,3 +436,12 @@ def test_upcycle_causal_lm_refuses_a_backbone_and_other_tasks():
     mixtral = keras_hub.models.MixtralCausalLM(_mixtral(), preprocessor=None)
     with pytest.raises(ValueError, match="Received: causal_lm of type MixtralCausalLM"):
         upcycle_causal_lm(mixtral, n_experts=2)
+
+
+def test_kerashub_exports_the_upcycling_functions():
+    """`keras_moe.kerashub.upcycle` and `upcycle_causal_lm`, the documented
+    names, are the functions of `keras_moe.upcycling`."""
+    import keras_moe.kerashub
+
+    assert keras_moe.kerashub.upcycle is upcycle
+    assert keras_moe.kerashub.upcycle_causal_lm is upcycle_causal_lm

@@ -9,8 +9,8 @@ import tempfile
 
 import keras_hub
 
-from keras_moe.kerashub.upcycle import families
-from keras_moe.kerashub.upcycle import upcycle
+from keras_moe.upcycling._kerashub_targets import families
+from keras_moe.upcycling.kerashub import upcycle
 
 __all__ = ["upcycle_causal_lm"]
 
