@@ -94,6 +94,7 @@ def test_importing_the_library_sets_and_writes_nothing(tmp_path):
     keras_alone.mkdir()
     assert _run_in_clean_process(library, {}, code.format("keras_moe")) == "[]"
     assert _run_in_clean_process(keras_alone, {}, code.format("keras")) == "[]"
+
     def files(root):
         return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
