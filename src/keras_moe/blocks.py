@@ -30,17 +30,42 @@ from keras_moe.routing.top_k_router import TopKRouter
 __all__ = ["gemma4", "gpt_oss", "mixtral", "qwen3_5_moe", "qwen3_moe", "qwen_moe"]
 
 
-def _block(experts, router, shared_expert=None, dtype=None, **kwargs):
+def _block(
+    intermediate_dim,
+    n_experts,
+    top_k,
+    experts,
+    router,
+    shared_expert=None,
+    *,
+    losses,
+    dtype,
+    **kwargs,
+):
+    """A `MoEFeedForward` of `FeedForwardExperts(intermediate_dim, n_experts,
+    **experts)`, `TopKRouter(n_experts, top_k, **router, **losses)` and, if
+    given, `SharedExpert(**shared_expert)`, all of the block's `dtype`."""
+    if shared_expert is not None:
+        shared_expert = SharedExpert(dtype=dtype, name="shared_expert", **shared_expert)
     return MoEFeedForward(
-        experts=FeedForwardExperts(dtype=dtype, name="experts", **experts),
-        router=TopKRouter(dtype=dtype, name="router", **router),
-        shared_expert=(
-            None
-            if shared_expert is None
-            else SharedExpert(dtype=dtype, name="shared_expert", **shared_expert)
+        experts=FeedForwardExperts(
+            intermediate_dim, n_experts, dtype=dtype, name="experts", **experts
         ),
+        router=TopKRouter(
+            n_experts, top_k, dtype=dtype, name="router", **router, **losses
+        ),
+        shared_expert=shared_expert,
         dtype=dtype,
         **kwargs,
+    )
+
+
+def _losses(load_balance_weight, router_z_loss_weight, router_dtype):
+    """The router options every factory takes, as `TopKRouter` arguments."""
+    return dict(
+        load_balance_weight=load_balance_weight,
+        router_z_loss_weight=router_z_loss_weight,
+        router_dtype=router_dtype,
     )
 
 
@@ -71,22 +96,14 @@ def mixtral(
         **kwargs: `MoEFeedForward`'s (`router_jitter_noise`, `name`, ...).
     """
     return _block(
+        intermediate_dim,
+        n_experts,
+        top_k,
         experts=dict(
-            intermediate_dim=intermediate_dim,
-            n_experts=n_experts,
-            activation="silu",
-            gated=True,
-            use_bias=False,
-            activation_dtype="float32",
+            activation="silu", gated=True, use_bias=False, activation_dtype="float32"
         ),
-        router=dict(
-            n_experts=n_experts,
-            top_k=top_k,
-            softmax_before_top_k=True,
-            load_balance_weight=load_balance_weight,
-            router_z_loss_weight=router_z_loss_weight,
-            router_dtype=router_dtype,
-        ),
+        router=dict(softmax_before_top_k=True),
+        losses=_losses(load_balance_weight, router_z_loss_weight, router_dtype),
         dtype=dtype,
         **kwargs,
     )
@@ -97,17 +114,13 @@ def _qwen(
     n_experts,
     top_k,
     normalize_top_k,
-    shared_intermediate_dim,
-    activation_dtype,
-    load_balance_weight,
-    router_z_loss_weight,
-    router_dtype,
-    dtype,
+    shared_intermediate_dim=None,
+    activation_dtype=None,
     **kwargs,
 ):
+    """The Qwen MoE families' block: gated SiLU experts without biases, gate
+    and up fused (gate columns first), an optional gated shared expert."""
     experts = dict(
-        intermediate_dim=intermediate_dim,
-        n_experts=n_experts,
         activation="silu",
         gated=True,
         use_bias=False,
@@ -124,16 +137,10 @@ def _qwen(
             output_gate=True,
             activation_dtype=activation_dtype,
         )
-    router = dict(
-        n_experts=n_experts,
-        top_k=top_k,
-        normalize_top_k=normalize_top_k,
-        softmax_before_top_k=True,
-        load_balance_weight=load_balance_weight,
-        router_z_loss_weight=router_z_loss_weight,
-        router_dtype=router_dtype,
+    router = dict(normalize_top_k=normalize_top_k, softmax_before_top_k=True)
+    return _block(
+        intermediate_dim, n_experts, top_k, experts, router, shared_expert, **kwargs
     )
-    return _block(experts, router, shared_expert, dtype=dtype, **kwargs)
 
 
 def qwen_moe(
@@ -174,11 +181,8 @@ def qwen_moe(
         top_k,
         normalize_top_k,
         shared_intermediate_dim,
-        None,
-        load_balance_weight,
-        router_z_loss_weight,
-        router_dtype,
-        dtype,
+        losses=_losses(load_balance_weight, router_z_loss_weight, router_dtype),
+        dtype=dtype,
         **kwargs,
     )
 
@@ -214,12 +218,8 @@ def qwen3_moe(
         n_experts,
         top_k,
         normalize_top_k,
-        None,
-        None,
-        load_balance_weight,
-        router_z_loss_weight,
-        router_dtype,
-        dtype,
+        losses=_losses(load_balance_weight, router_z_loss_weight, router_dtype),
+        dtype=dtype,
         **kwargs,
     )
 
@@ -258,10 +258,8 @@ def qwen3_5_moe(
         True,
         shared_intermediate_dim,
         "float32",
-        load_balance_weight,
-        router_z_loss_weight,
-        router_dtype,
-        dtype,
+        losses=_losses(load_balance_weight, router_z_loss_weight, router_dtype),
+        dtype=dtype,
         **kwargs,
     )
 
@@ -297,23 +295,18 @@ def gpt_oss(
         **kwargs: `MoEFeedForward`'s.
     """
     return _block(
+        intermediate_dim,
+        n_experts,
+        top_k,
         experts=dict(
-            intermediate_dim=intermediate_dim,
-            n_experts=n_experts,
             gated=True,
             use_bias=True,
             gate_up_layout="interleaved",
             swiglu_limit=swiglu_limit,
             swiglu_alpha=swiglu_alpha,
         ),
-        router=dict(
-            n_experts=n_experts,
-            top_k=top_k,
-            use_bias=True,
-            load_balance_weight=load_balance_weight,
-            router_z_loss_weight=router_z_loss_weight,
-            router_dtype=router_dtype,
-        ),
+        router=dict(use_bias=True),
+        losses=_losses(load_balance_weight, router_z_loss_weight, router_dtype),
         dtype=dtype,
         **kwargs,
     )
@@ -350,9 +343,10 @@ def gemma4(
         **kwargs: `MoEFeedForward`'s.
     """
     return _block(
+        intermediate_dim,
+        n_experts,
+        top_k,
         experts=dict(
-            intermediate_dim=intermediate_dim,
-            n_experts=n_experts,
             activation="gelu_tanh",
             gated=True,
             use_bias=False,
@@ -360,15 +354,9 @@ def gemma4(
             output_scale=True,
         ),
         router=dict(
-            n_experts=n_experts,
-            top_k=top_k,
-            softmax_before_top_k=True,
-            input_norm=True,
-            norm_epsilon=norm_epsilon,
-            load_balance_weight=load_balance_weight,
-            router_z_loss_weight=router_z_loss_weight,
-            router_dtype=router_dtype,
+            softmax_before_top_k=True, input_norm=True, norm_epsilon=norm_epsilon
         ),
+        losses=_losses(load_balance_weight, router_z_loss_weight, router_dtype),
         dtype=dtype,
         **kwargs,
     )

@@ -401,9 +401,9 @@ def plot(results, path):
     return path
 
 
-def summary(results):
-    settings = results["settings"]
-    repeats = settings["repeats"]
+def models_table(results):
+    """The markdown table of each arm's steps, FLOPs, last loss and step time."""
+    repeats = results["settings"]["repeats"]
     flops = results["training_flops_per_step"]
     rows = []
     for name, m in results["models"].items():
@@ -421,7 +421,7 @@ def summary(results):
                 f"{step_ms:.0f}",
             ]
         )
-    table = common.markdown_table(
+    return common.markdown_table(
         [
             "model",
             "steps",
@@ -432,6 +432,12 @@ def summary(results):
         ],
         rows,
     )
+
+
+def summary(results):
+    settings = results["settings"]
+    repeats = settings["repeats"]
+    table = models_table(results)
     point = results["upcycling_point"]
     params = point[0]
     gap = max(

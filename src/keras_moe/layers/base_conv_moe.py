@@ -28,6 +28,36 @@ def conv_output_length(length, kernel_size, stride, padding, dilation):
     return (length - effective) // stride + 1
 
 
+def check_padding(padding, rank):
+    """`padding`, lower-cased: `"valid"`, `"same"`, or `"causal"` in 1D."""
+    paddings = {"valid", "same", "causal"} if rank == 1 else {"valid", "same"}
+    if rank > 1 and isinstance(padding, str) and padding.lower() == "causal":
+        raise ValueError(
+            f"`padding` must be 'valid' or 'same' for a {rank}D layer "
+            f"('causal' is only for `Conv1DMoE`). Received: padding={padding!r}"
+        )
+    return utils.check_choice("padding", padding, paddings)
+
+
+def check_mixed_kernel(mixed_kernel, gating_input, expert_activation):
+    """`mixed_kernel` (`None`, `True` or `False`); `True` needs linear
+    experts under `"pooled"` gates."""
+    if mixed_kernel is None:
+        return None
+    mixed_kernel = utils.check_bool("mixed_kernel", mixed_kernel)
+    if mixed_kernel and (
+        gating_input != "pooled" or expert_activation is not keras.activations.linear
+    ):
+        raise ValueError(
+            "`mixed_kernel=True` mixes the experts' kernels, which needs "
+            "linear experts (`expert_activation=None`) under per-sample "
+            "gates (`gating_input='pooled'`). Received: mixed_kernel=True, "
+            f"gating_input={gating_input!r}, expert_activation="
+            f"{keras.activations.serialize(expert_activation)!r}"
+        )
+    return mixed_kernel
+
+
 class BaseConvMoE(BaseMoE):
     """Private N-D base of `Conv1DMoE`, `Conv2DMoE` and `Conv3DMoE`.
 
@@ -110,13 +140,7 @@ class BaseConvMoE(BaseMoE):
         self.kernel_size = utils.check_int_tuple("kernel_size", kernel_size, rank)
         self.strides = utils.check_int_tuple("strides", strides, rank)
         self.dilation_rate = utils.check_int_tuple("dilation_rate", dilation_rate, rank)
-        paddings = {"valid", "same", "causal"} if rank == 1 else {"valid", "same"}
-        if rank > 1 and isinstance(padding, str) and padding.lower() == "causal":
-            raise ValueError(
-                f"`padding` must be 'valid' or 'same' for a {rank}D layer "
-                f"('causal' is only for `Conv1DMoE`). Received: padding={padding!r}"
-            )
-        self.padding = utils.check_choice("padding", padding, paddings)
+        self.padding = check_padding(padding, rank)
         if data_format is None:
             data_format = keras.config.image_data_format()
         self.data_format = utils.check_choice(
@@ -131,20 +155,9 @@ class BaseConvMoE(BaseMoE):
                 f"Received: strides={self.strides}, dilation_rate={self.dilation_rate}"
             )
         self.input_spec = keras.layers.InputSpec(ndim=rank + 2)
-        self.mixed_kernel = None
-        if mixed_kernel is not None:
-            self.mixed_kernel = utils.check_bool("mixed_kernel", mixed_kernel)
-        if self.mixed_kernel and (
-            self.gating_input != "pooled"
-            or self.expert_activation is not keras.activations.linear
-        ):
-            raise ValueError(
-                "`mixed_kernel=True` mixes the experts' kernels, which needs "
-                "linear experts (`expert_activation=None`) under per-sample "
-                "gates (`gating_input='pooled'`). Received: mixed_kernel=True, "
-                f"gating_input={self.gating_input!r}, expert_activation="
-                f"{keras.activations.serialize(self.expert_activation)!r}"
-            )
+        self.mixed_kernel = check_mixed_kernel(
+            mixed_kernel, self.gating_input, self.expert_activation
+        )
 
     @property
     def _channel_axis(self):

@@ -187,25 +187,29 @@ class DenseMoE(saved_formats.LegacyLoading, BaseMoE):
             "router_dtype", router_dtype, routing.gates.ROUTER_DTYPES
         )
         if self.top_k is None:
-            # The soft mixture over all experts has none of these.
-            for name, value in (
-                ("noisy_gating", self.noisy_gating),
-                ("capacity_factor", self.capacity_factor),
-                ("load_balance_weight", self.load_balance_weight),
-                ("router_z_loss_weight", self.router_z_loss_weight),
-                (
-                    "router_dtype",
-                    None if self.router_dtype == "float32" else self.router_dtype,
-                ),
-            ):
-                if value:
-                    raise ValueError(
-                        f"`{name}` applies only to sparse routing (an integer "
-                        f"`top_k`). Received: {name}={value!r}, top_k=None"
-                    )
+            self._check_soft_mixture_arguments()
         self.router = None
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
+
+    def _check_soft_mixture_arguments(self):
+        """The soft mixture over all experts (`top_k=None`) has no router
+        options: refuses any that is set."""
+        for name, value in (
+            ("noisy_gating", self.noisy_gating),
+            ("capacity_factor", self.capacity_factor),
+            ("load_balance_weight", self.load_balance_weight),
+            ("router_z_loss_weight", self.router_z_loss_weight),
+            (
+                "router_dtype",
+                None if self.router_dtype == "float32" else self.router_dtype,
+            ),
+        ):
+            if value:
+                raise ValueError(
+                    f"`{name}` applies only to sparse routing (an integer "
+                    f"`top_k`). Received: {name}={value!r}, top_k=None"
+                )
 
     def build(self, input_shape):
         input_shape = tuple(input_shape)
