@@ -53,6 +53,27 @@ class BaseRouter(saved_formats.LegacyLoading, keras.layers.Layer):
         kernel_constraint: Constraint of the router kernel.
         bias_constraint: Constraint of the router bias.
         **kwargs: Base layer arguments (`name`, `dtype`, ...).
+
+    Example: a router that sends each token to its best expert, in a block.
+
+    >>> import numpy as np
+    >>> from keras import ops
+    >>> from keras_moe.layers import FeedForwardExperts, MoEFeedForward
+    >>> from keras_moe.routing import BaseRouter, sparse_mixture
+    >>> class ArgmaxRouter(BaseRouter):
+    ...     def call(self, inputs, mask=None, training=None):
+    ...         best = ops.argmax(self.logits(inputs), axis=-1)[:, None]
+    ...         return ops.ones(ops.shape(best)), ops.cast(best, "int32")
+    ...     def dispatch(self, inputs, weights, indices, expert_bank,
+    ...                  mask=None, training=None):
+    ...         outputs, _, _ = sparse_mixture(
+    ...             inputs, indices, weights, self.n_experts, expert_bank,
+    ...             mask=mask, training=training)
+    ...         return outputs
+    >>> block = MoEFeedForward(experts=FeedForwardExperts(16, 4),
+    ...                        router=ArgmaxRouter(4, top_k=1))
+    >>> tuple(block(np.ones((2, 5, 8), "float32")).shape)
+    (2, 5, 8)
     """
 
     def __init__(
@@ -212,8 +233,8 @@ class BaseRouter(saved_formats.LegacyLoading, keras.layers.Layer):
     def call(self, inputs, mask=None, training=None):
         raise NotImplementedError
 
-    def dispatch(self, inputs, weights, indices, experts, mask=None, training=None):
-        """Runs `experts` on each token's experts and mixes them back:
+    def dispatch(self, inputs, weights, indices, expert_bank, mask=None, training=None):
+        """Runs `expert_bank` on each token's experts and mixes them back:
         `(tokens, d_out)`."""
         raise NotImplementedError
 
