@@ -14,6 +14,15 @@ VOCAB = 40
 D = 16
 
 
+# The arguments every family's backbone here shares.
+SHARED = {
+    "vocabulary_size": VOCAB,
+    "num_layers": 1,
+    "num_query_heads": 2,
+    "num_key_value_heads": 1,
+    "hidden_dim": D,
+}
+
 # Each family's backbone class and its own arguments beyond the shared ones
 # in `backbone`. Qwen3.5-MoE runs full attention only: the linear-attention
 # layers (GatedDeltaNet) have nothing to do with the MoE blocks and are slow
@@ -48,16 +57,8 @@ def backbone(family, dtype=None):
     if family == "gemma4":
         options.update(sliding_window_size=4, enable_moe_block=True)
         options.update(expert_intermediate_dim=6, num_experts_per_token=2)
-    return getattr(keras_hub.models, f"{name}Backbone")(
-        vocabulary_size=VOCAB,
-        num_layers=1,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=D,
-        num_experts=4,
-        dtype=dtype,
-        **options,
-    )
+    model = getattr(keras_hub.models, f"{name}Backbone")
+    return model(**SHARED, num_experts=4, dtype=dtype, **options)
 
 
 def causal_lm(family, dtype=None):
