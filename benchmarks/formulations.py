@@ -24,32 +24,42 @@ from keras import ops
 from keras_moe import routing
 
 
-class OriginalDenseMoE(keras.layers.Layer):
-    """The original `DenseMoE` formulation (tensordot, repeat, multiply, sum)."""
+def kernel_and_bias(layer, prefix, kernel_shape, bias_shape, initializer):
+    """Adds a kernel drawn from `initializer` and a zero bias to `layer`,
+    named `<prefix>k` and `<prefix>b`; returns them."""
+    kernel = layer.add_weight(
+        shape=kernel_shape, initializer=initializer, name=f"{prefix}k"
+    )
+    bias = layer.add_weight(shape=bias_shape, initializer="zeros", name=f"{prefix}b")
+    return kernel, bias
 
-    def __init__(
-        self, units, n_experts, expert_activation=None, gating_activation=None, **kw
-    ):
+
+class Formulation(keras.layers.Layer):
+    """A layer of the benchmarks' formulations, with its expert and gating
+    activations."""
+
+    def __init__(self, expert_activation=None, gating_activation=None, **kw):
         super().__init__(**kw)
-        self.units = units
-        self.n_experts = n_experts
         self.expert_activation = keras.activations.get(expert_activation)
         self.gating_activation = keras.activations.get(gating_activation)
 
+
+class OriginalDenseMoE(Formulation):
+    """The original `DenseMoE` formulation (tensordot, repeat, multiply, sum)."""
+
+    def __init__(self, units, n_experts, **kw):
+        super().__init__(**kw)
+        self.units = units
+        self.n_experts = n_experts
+
     def build(self, input_shape):
-        d = input_shape[-1]
+        d, u, e = input_shape[-1], self.units, self.n_experts
         init = keras.initializers.RandomUniform(-0.05, 0.05)
-        self.expert_kernel = self.add_weight(
-            shape=(d, self.units, self.n_experts), initializer=init, name="ek"
+        self.expert_kernel, self.expert_bias = kernel_and_bias(
+            self, "e", (d, u, e), (u, e), init
         )
-        self.expert_bias = self.add_weight(
-            shape=(self.units, self.n_experts), initializer="zeros", name="eb"
-        )
-        self.gating_kernel = self.add_weight(
-            shape=(d, self.n_experts), initializer=init, name="gk"
-        )
-        self.gating_bias = self.add_weight(
-            shape=(self.n_experts,), initializer="zeros", name="gb"
+        self.gating_kernel, self.gating_bias = kernel_and_bias(
+            self, "g", (d, e), (e,), init
         )
 
     def call(self, inputs, training=None):
@@ -61,7 +71,7 @@ class OriginalDenseMoE(keras.layers.Layer):
         return ops.sum(experts * gates, axis=-1)
 
 
-class OriginalConvMoE(keras.layers.Layer):
+class OriginalConvMoE(Formulation):
     """The original `ConvNDMoE` formulation, channels last.
 
     One convolution with `f * k` filters, reshaped to `(b, *spatial, f, k)`,
@@ -71,15 +81,7 @@ class OriginalConvMoE(keras.layers.Layer):
     """
 
     def __init__(
-        self,
-        rank,
-        n_filters,
-        n_experts_per_filter,
-        kernel_size,
-        padding="valid",
-        expert_activation=None,
-        gating_activation=None,
-        **kw,
+        self, rank, n_filters, n_experts_per_filter, kernel_size, padding="valid", **kw
     ):
         super().__init__(**kw)
         self.rank = rank
@@ -87,23 +89,21 @@ class OriginalConvMoE(keras.layers.Layer):
         self.n_experts = n_experts_per_filter
         self.kernel_size = (kernel_size,) * rank
         self.padding = padding
-        self.expert_activation = keras.activations.get(expert_activation)
-        self.gating_activation = keras.activations.get(gating_activation)
 
     def build(self, input_shape):
         channels = input_shape[-1]
         f, k = self.n_filters, self.n_experts
         init = keras.initializers.RandomNormal(stddev=0.05)
-        self.expert_kernel = self.add_weight(
-            shape=self.kernel_size + (channels, f * k), initializer=init, name="ek"
+        self.expert_kernel, self.expert_bias = kernel_and_bias(
+            self,
+            "e",
+            self.kernel_size + (channels, f * k),
+            (1,) * self.rank + (f, k),
+            init,
         )
-        self.expert_bias = self.add_weight(
-            shape=(1,) * self.rank + (f, k), initializer="zeros", name="eb"
+        self.gating_kernel, self.gating_bias = kernel_and_bias(
+            self, "g", tuple(input_shape[1:]) + (f, k), (f, k), init
         )
-        self.gating_kernel = self.add_weight(
-            shape=tuple(input_shape[1:]) + (f, k), initializer=init, name="gk"
-        )
-        self.gating_bias = self.add_weight(shape=(f, k), initializer="zeros", name="gb")
 
     def call(self, inputs, training=None):
         f, k = self.n_filters, self.n_experts
@@ -118,42 +118,31 @@ class OriginalConvMoE(keras.layers.Layer):
         return ops.sum(experts * gates, axis=-1)
 
 
-class DimMajorTopKDenseMoE(keras.layers.Layer):
+class DimMajorTopKDenseMoE(Formulation):
     """`DenseMoE(top_k=...)`'s function with the soft mixture's `(d, e, u)`
     expert kernel: its per-expert products take the kernel through a
     transpose (XLA) or a copy (`torch._grouped_mm`) at every step. A
     `TopKRouter` and its dispatch, as `DenseMoE` runs them."""
 
-    def __init__(
-        self,
-        units,
-        n_experts,
-        top_k,
-        expert_activation=None,
-        gating_activation=None,
-        **kw,
-    ):
+    def __init__(self, units, n_experts, top_k, **kw):
+        # The top-k weights are a softmax over the chosen logits, whatever
+        # `gating_activation` says (as in `DenseMoE`).
         super().__init__(**kw)
         self.units = units
         self.n_experts = n_experts
         self.top_k = top_k
-        # The top-k weights are a softmax over the chosen logits, whatever
-        # `gating_activation` says (as in `DenseMoE`).
-        self.expert_activation = keras.activations.get(expert_activation)
 
     def build(self, input_shape):
-        d = input_shape[-1]
+        # The soft mixture's layout: experts before units.
+        expert_shape = (self.n_experts, self.units)
         init = keras.initializers.RandomUniform(-0.05, 0.05)
-        self.expert_kernel = self.add_weight(
-            shape=(d, self.n_experts, self.units), initializer=init, name="ek"
-        )
-        self.expert_bias = self.add_weight(
-            shape=(self.n_experts, self.units), initializer="zeros", name="eb"
+        self.expert_kernel, self.expert_bias = kernel_and_bias(
+            self, "e", (input_shape[-1],) + expert_shape, expert_shape, init
         )
         self.router = routing.TopKRouter(
             self.n_experts, self.top_k, use_bias=True, name="router"
         )
-        self.router.build((None, d))
+        self.router.build((None, input_shape[-1]))
 
     def experts(self, rows, layout):
         kernel = layout.select(ops.moveaxis(self.expert_kernel, 1, 0))

@@ -31,6 +31,7 @@ PyTorch reports `torch.cuda.max_memory_allocated` only on CUDA. Elsewhere the
 result says `None` with the reason.
 """
 
+import argparse
 import dataclasses
 import inspect
 import os
@@ -388,3 +389,39 @@ def compare(
             )
             log(f"  {mode}: {line}")
     return result
+
+
+def script_arguments(doc, argv, repeats, size, size_help):
+    """Parses the command line of a script that runs one comparison.
+
+    Args:
+        doc: The script's docstring; its first paragraph describes it.
+        argv: The arguments (`None`: `sys.argv`).
+        repeats: The default of `--repeats`.
+        size: The default of `--size`, comma-separated integers.
+        size_help: What `--size`'s numbers are.
+
+    Returns:
+        `(args, size)`: the parsed arguments and `--size` as a tuple of ints.
+    """
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument(
+        "--min-sample-s",
+        type=float,
+        default=0.2,
+        help="each timed sample repeats the step for at least this long",
+    )
+    parser.add_argument("--size", default=size, help=size_help)
+    args = parser.parse_args(argv)
+    return args, tuple(int(v) for v in args.size.split(","))
+
+
+def print_ratios(result):
+    """Prints each mode's ratios of a `compare` result, a line per mode."""
+    for mode in MODES:
+        ratios = {
+            name: entry.get(mode, {}).get("ratio", float("nan"))
+            for name, entry in result["variants"].items()
+        }
+        print(f"{mode:17s} " + "  ".join(f"{n} {r:.3f}" for n, r in ratios.items()))

@@ -79,68 +79,39 @@ def backbone(family, s, n_experts):
     """A KerasHub backbone of `family` at the `"hub"` size `s`."""
     import keras_hub
 
+    if family not in CLASSES:
+        raise ValueError(f"`family` must be one of {FAMILIES}. Received: {family!r}")
     d, m, k = s["dim"], s["inter"], s["k"]
-    common = {
-        "vocabulary_size": s["vocabulary"],
-        "num_layers": s["layers"],
-        "num_query_heads": s["heads"],
-        "num_key_value_heads": s["kv_heads"],
-        "hidden_dim": d,
-    }
     head_dim = d // s["heads"]
-    models = keras_hub.models
-    if family == "mixtral":
-        return models.MixtralBackbone(
-            intermediate_dim=m, num_experts=n_experts, top_k=k, **common
-        )
+    # Each family's own arguments beyond the shared ones below.
+    options = {
+        "mixtral": {"intermediate_dim": m, "top_k": k},
+        "qwen_moe": {"intermediate_dim": m, "moe_intermediate_dim": m, "top_k": k},
+        "qwen3_moe": {"intermediate_dim": m, "moe_intermediate_dim": m, "top_k": k},
+        "qwen3_5_moe": {"moe_intermediate_dim": m, "top_k": k},
+        "gpt_oss": {"intermediate_dim": m, "top_k": k},
+        "gemma4": {"intermediate_dim": m, "num_experts_per_token": k},
+    }[family]
     if family == "qwen_moe":
-        return models.QwenMoeBackbone(
-            intermediate_dim=m,
-            moe_intermediate_dim=m,
-            shared_expert_intermediate_dim=m,
-            num_experts=n_experts,
-            top_k=k,
-            **common,
-        )
-    if family == "qwen3_moe":
-        return models.Qwen3MoeBackbone(
-            intermediate_dim=m,
-            moe_intermediate_dim=m,
-            num_experts=n_experts,
-            top_k=k,
-            head_dim=head_dim,
-            **common,
-        )
+        options["shared_expert_intermediate_dim"] = m
     if family == "qwen3_5_moe":
-        return models.Qwen3_5MoeBackbone(
-            head_dim=head_dim,
-            moe_intermediate_dim=m,
-            shared_expert_intermediate_size=m,
-            num_experts=n_experts,
-            top_k=k,
-            layer_types=["full_attention"] * s["layers"],
-            **common,
-        )
-    if family == "gpt_oss":
-        return models.GptOssBackbone(
-            intermediate_dim=m,
-            num_experts=n_experts,
-            top_k=k,
-            head_dim=head_dim,
-            **common,
-        )
+        options["shared_expert_intermediate_size"] = m
+        options["layer_types"] = ["full_attention"] * s["layers"]
     if family == "gemma4":
-        return models.Gemma4Backbone(
-            image_size=None,
-            intermediate_dim=m,
-            head_dim=head_dim,
-            enable_moe_block=True,
-            num_experts=n_experts,
-            expert_intermediate_dim=m,
-            num_experts_per_token=k,
-            **common,
+        options.update(
+            image_size=None, enable_moe_block=True, expert_intermediate_dim=m
         )
-    raise ValueError(f"`family` must be one of {FAMILIES}. Received: {family!r}")
+    if family != "mixtral" and family != "qwen_moe":
+        options["head_dim"] = head_dim
+    return getattr(keras_hub.models, CLASSES[family])(
+        vocabulary_size=s["vocabulary"],
+        num_layers=s["layers"],
+        num_query_heads=s["heads"],
+        num_key_value_heads=s["kv_heads"],
+        hidden_dim=d,
+        num_experts=n_experts,
+        **options,
+    )
 
 
 def _min_speedup(slow, fast, ratio):

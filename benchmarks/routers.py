@@ -21,8 +21,6 @@ Steps as the harness compiles them: `jax.jit` on JAX,
 `KERAS_MOE_BENCH_TORCH=compile`).
 """
 
-import argparse
-
 import numpy as np
 
 from benchmarks import harness
@@ -70,22 +68,14 @@ def variants(batch, tokens, dim, intermediate_dim, n_experts, top_k):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=11)
-    parser.add_argument(
-        "--min-sample-s",
-        type=float,
-        default=0.2,
-        help="each timed sample repeats the step for at least this long",
-    )
-    parser.add_argument(
-        "--size",
-        default="16,64,64,128,8,2",
-        help="batch,tokens,dim,intermediate_dim,experts,top_k (default: the "
+    args, size = harness.script_arguments(
+        __doc__,
+        argv,
+        repeats=11,
+        size="16,64,64,128,8,2",
+        size_help="batch,tokens,dim,intermediate_dim,experts,top_k (default: the "
         "routing experiment's ViT-MoE layer on a batch of 16 images)",
     )
-    args = parser.parse_args(argv)
-    size = tuple(int(v) for v in args.size.split(","))
     result = harness.compare(
         variants(*size),
         BASELINE,
@@ -103,12 +93,7 @@ def main(argv=None):
         "(batch,tokens,dim,intermediate_dim,experts,top_k); medians of "
         f"{args.repeats}, ratios against `{BASELINE}`"
     )
-    for mode in harness.MODES:
-        ratios = {
-            name: entry.get(mode, {}).get("ratio", float("nan"))
-            for name, entry in result["variants"].items()
-        }
-        print(f"{mode:17s} " + "  ".join(f"{n} {r:.3f}" for n, r in ratios.items()))
+    harness.print_ratios(result)
     return result
 
 

@@ -19,8 +19,6 @@ Steps as the harness compiles them: `jax.jit` on JAX,
 `tf.function(jit_compile=True)` on TensorFlow, eager on PyTorch.
 """
 
-import argparse
-
 import numpy as np
 from keras import ops
 
@@ -72,21 +70,13 @@ def variants(batch, dim, units, experts):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=25)
-    parser.add_argument(
-        "--min-sample-s",
-        type=float,
-        default=0.2,
-        help="each timed sample repeats the step for at least this long",
+    args, (batch, dim, units, experts) = harness.script_arguments(
+        __doc__,
+        argv,
+        repeats=25,
+        size="1024,512,512,8",
+        size_help="batch,dim,units,experts (default: the suite's dense_soft case)",
     )
-    parser.add_argument(
-        "--size",
-        default="1024,512,512,8",
-        help="batch,dim,units,experts (default: the suite's dense_soft case)",
-    )
-    args = parser.parse_args(argv)
-    batch, dim, units, experts = (int(v) for v in args.size.split(","))
     result = harness.compare(
         variants(batch, dim, units, experts),
         "original",
@@ -97,12 +87,7 @@ def main(argv=None):
         f"backend={harness.BACKEND}, DenseMoE soft {batch}x{dim}->{units}, {experts} "
         f"experts; medians of {args.repeats}, ratios against `original`"
     )
-    for mode in harness.MODES:
-        ratios = {
-            name: entry.get(mode, {}).get("ratio", float("nan"))
-            for name, entry in result["variants"].items()
-        }
-        print(f"{mode:17s} " + "  ".join(f"{n} {r:.3f}" for n, r in ratios.items()))
+    harness.print_ratios(result)
     return result
 
 

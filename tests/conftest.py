@@ -1,5 +1,9 @@
+import importlib.util
+import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -62,3 +66,78 @@ def _reset_keras_state():
 
 def to_numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def reloaded_with_same_outputs(model, path, x, predict=False):
+    """Saves `model` to `path`, loads it back, asserts that both give the
+    same outputs on `x` (through `predict`, or eager calls: compiling
+    `predict` doubles a test's cost on PyTorch, torch.compile) and returns
+    the loaded model."""
+    model.save(path)
+    restored = keras.models.load_model(path)
+    if predict:
+        got, expected = restored.predict(x, verbose=0), model.predict(x, verbose=0)
+    else:
+        got, expected = restored(x), model(x)
+    np.testing.assert_allclose(to_numpy(got), to_numpy(expected), rtol=1e-5, atol=1e-6)
+    return restored
+
+
+def assert_a_training_step_moves_every_weight(layer, x, y):
+    """One SGD step of a model of `layer` on `(x, y)` changes every one of
+    its trainable weights: the gradients reach them all."""
+    model = keras.Sequential([keras.Input(x.shape[1:]), layer])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    before = {v.path: to_numpy(v).copy() for v in layer.trainable_weights}
+    model.train_on_batch(x, y)
+    for v in layer.trainable_weights:
+        assert not np.allclose(to_numpy(v), before[v.path]), v.path
+
+
+def load_docs_hook(name):
+    """The documentation build's hook `docs/hooks/<name>.py`, imported."""
+    path = REPO / "docs" / "hooks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_on_eight_devices(worker, argument, timeout, **env):
+    """Runs the script `worker` with `argument` in its own process, on JAX
+    with eight simulated CPU devices (and any other environment `env`)."""
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": "jax",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, str(worker), str(argument)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def worker_report(path, run):
+    """The JSON report a worker `run` wrote to `path`."""
+    assert path.exists(), (
+        f"worker wrote no report (rc={run.returncode}):\n{run.stderr[-4000:]}"
+    )
+    return json.loads(path.read_text())
+
+
+def assert_keras_masking_reaches(layer, x):
+    """`layer` after `keras.layers.Masking(0.0)` on `x`, whose second sequence
+    is zero from step 2 on: those steps' outputs are zero, the first
+    sequence's are not."""
+    x = np.array(x, "float32")
+    x[1, 2:] = 0.0
+    inputs = keras.Input(x.shape[1:])
+    outputs = layer(keras.layers.Masking(0.0)(inputs))
+    y = to_numpy(keras.Model(inputs, outputs)(x))
+    assert np.all(y[1, 2:] == 0.0) and np.all(y[0] != 0.0)

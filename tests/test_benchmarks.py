@@ -350,11 +350,10 @@ def test_failing_variant_is_reported_not_raised():
     assert result["variants"]["ok"]["forward"]["ratio"] == pytest.approx(1.0)
 
 
-def test_original_dense_formulation_is_the_layer_function():
-    x = np.random.default_rng(1).standard_normal((5, 6)).astype("float32")
-    original = formulations.OriginalDenseMoE(4, 3, **cases.MOE)
+def assert_same_function(x, original, layer, kernel, bias, tolerance):
+    """Gives `layer` the original formulation's random weights, its expert
+    kernel and bias through `kernel` and `bias`, and compares the outputs."""
     original(x)
-    layer = keras_moe.DenseMoE(4, 3, **cases.MOE)
     layer(x)
     rng = np.random.default_rng(2)
     ek, eb, gk, gb = (
@@ -362,33 +361,34 @@ def test_original_dense_formulation_is_the_layer_function():
         for v in original.trainable_variables
     )
     original.set_weights([ek, eb, gk, gb])
-    layer.expert_kernel.assign(np.transpose(ek, (0, 2, 1)))
-    layer.expert_bias.assign(eb.T)
+    layer.expert_kernel.assign(kernel(ek))
+    layer.expert_bias.assign(bias(eb))
     layer.gating_kernel.assign(gk)
     layer.gating_bias.assign(gb)
     np.testing.assert_allclose(
-        to_numpy(original(x)), to_numpy(layer(x)), rtol=1e-5, atol=1e-5
+        to_numpy(original(x)), to_numpy(layer(x)), rtol=tolerance, atol=tolerance
+    )
+
+
+def test_original_dense_formulation_is_the_layer_function():
+    assert_same_function(
+        np.random.default_rng(1).standard_normal((5, 6)).astype("float32"),
+        formulations.OriginalDenseMoE(4, 3, **cases.MOE),
+        keras_moe.DenseMoE(4, 3, **cases.MOE),
+        kernel=lambda ek: np.transpose(ek, (0, 2, 1)),
+        bias=lambda eb: eb.T,
+        tolerance=1e-5,
     )
 
 
 def test_original_conv_formulation_is_the_layer_function():
-    x = np.random.default_rng(1).standard_normal((2, 5, 5, 3)).astype("float32")
-    original = formulations.OriginalConvMoE(2, 4, 2, 3, "same", **cases.MOE)
-    original(x)
-    layer = keras_moe.Conv2DMoE(4, 2, 3, padding="same", **cases.MOE)
-    layer(x)
-    rng = np.random.default_rng(2)
-    ek, eb, gk, gb = (
-        rng.standard_normal(v.shape).astype("float32")
-        for v in original.trainable_variables
-    )
-    original.set_weights([ek, eb, gk, gb])
-    layer.expert_kernel.assign(ek)
-    layer.expert_bias.assign(eb.reshape(4, 2))
-    layer.gating_kernel.assign(gk)
-    layer.gating_bias.assign(gb)
-    np.testing.assert_allclose(
-        to_numpy(original(x)), to_numpy(layer(x)), rtol=1e-4, atol=1e-4
+    assert_same_function(
+        np.random.default_rng(1).standard_normal((2, 5, 5, 3)).astype("float32"),
+        formulations.OriginalConvMoE(2, 4, 2, 3, "same", **cases.MOE),
+        keras_moe.Conv2DMoE(4, 2, 3, padding="same", **cases.MOE),
+        kernel=lambda ek: ek,
+        bias=lambda eb: eb.reshape(4, 2),
+        tolerance=1e-4,
     )
 
 

@@ -18,7 +18,7 @@ from keras_moe.layers import FeedForwardExperts
 from keras_moe.layers import SharedExpert
 from keras_moe.routing import TopKRouter
 from tests.conftest import to_numpy
-from tests.layers.test_moe_feed_forward import randomize
+from tests.layers.test_moe_feed_forward import with_same_weights
 
 D, M, E = 6, 5, 4
 
@@ -129,11 +129,7 @@ def test_a_factory_makes_the_block_of_0_2_0s_options(family):
     assert isinstance(block.router, TopKRouter)
     assert isinstance(block.shared_expert, (SharedExpert, type(None)))
     assert block.get_config() == old.get_config()
-    x = np.random.default_rng(0).normal(size=(2, 5, D)).astype("float32")
-    block.build(x.shape)
-    old.build(x.shape)
-    randomize(block)
-    old.set_weights(block.get_weights())
+    x = with_same_weights(block, old, (2, 5, D), seed=0)
     np.testing.assert_array_equal(to_numpy(block(x)), to_numpy(old(x)))
 
 

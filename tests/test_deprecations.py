@@ -29,6 +29,7 @@ from keras_moe.routing import TopKRouter
 from tests.conftest import REPO
 from tests.conftest import to_numpy
 from tests.layers.test_moe_feed_forward import randomize
+from tests.layers.test_moe_feed_forward import with_same_weights
 
 D, M, E = 4, 5, 3
 
@@ -224,11 +225,7 @@ def test_a_router_kind_given_as_router_warns(name):
     assert layer.get_config() == expected.get_config()
     kind = ExpertChoiceRouter if name == "expert_choice" else TopKRouter
     assert type(layer.router) is kind
-    x = np.random.default_rng(1).normal(size=(2, 3, D)).astype("float32")
-    layer.build(x.shape)
-    expected.build(x.shape)
-    randomize(layer)
-    expected.set_weights(layer.get_weights())
+    x = with_same_weights(layer, expected, (2, 3, D), seed=1)
     np.testing.assert_array_equal(to_numpy(layer(x)), to_numpy(expected(x)))
 
 

@@ -9,9 +9,6 @@ model trained there loads here.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -29,7 +26,9 @@ from keras_moe.layers import FeedForwardExperts
 from tests import distribution_worker
 from tests.conftest import BACKEND
 from tests.conftest import REPO
+from tests.conftest import run_on_eight_devices
 from tests.conftest import to_numpy
+from tests.conftest import worker_report
 
 WORKER = REPO / "tests" / "distribution_worker.py"
 WORKER_TIMEOUT = 600
@@ -37,8 +36,6 @@ WORKER_TIMEOUT = 600
 # Keras 3.15's distribution API runs on JAX only; on the other backends the
 # map is an error (`test_this_backend`, `test_unsupported_backends_...`), and
 # the multi-device run uses JAX in its own process on every backend's run.
-# Keras 3.15's distribution API runs on JAX only: the other backends' runs
-# of the suite check its clear error instead.
 jax_only = pytest.mark.only_backend("jax")
 
 
@@ -54,25 +51,8 @@ def test_expert_parallel_on_eight_simulated_devices(tmp_path):
     distribution_worker.save_single_device_model(tmp_path)
     x, _ = distribution_worker.data()
 
-    env = {
-        **os.environ,
-        "KERAS_BACKEND": "jax",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-    }
-    run = subprocess.run(
-        [sys.executable, str(WORKER), str(tmp_path)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=WORKER_TIMEOUT,
-    )
-    report_path = tmp_path / "multi.json"
-    assert report_path.exists(), (
-        f"worker wrote no report (rc={run.returncode}):\n{run.stderr[-4000:]}"
-    )
-    report = json.loads(report_path.read_text())
+    run = run_on_eight_devices(WORKER, tmp_path, WORKER_TIMEOUT)
+    report = worker_report(tmp_path / "multi.json", run)
     failed = {name: r["detail"] for name, r in report.items() if not r["ok"]}
     assert not failed, json.dumps(failed, indent=1)[:8000]
     expected_checks = {

@@ -18,6 +18,7 @@ import sys
 import urllib.parse
 
 from tests.conftest import REPO
+from tests.conftest import load_docs_hook
 
 PACKAGE = "keras_moe"
 SUBMODULES = [
@@ -178,14 +179,6 @@ def test_docs_build_strict_and_document_every_public_name(tmp_path):
     check_optional_pages(site)
 
 
-def load_keras_sections():
-    path = REPO / "docs" / "hooks" / "keras_sections.py"
-    spec = importlib.util.spec_from_file_location("keras_sections", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 KERAS_DOCSTRING = """Summary.
 
 Args:
@@ -237,6 +230,6 @@ Examples: Example:
 
 
 def test_keras_sections_become_google_sections():
-    rewrite = load_keras_sections().rewrite
+    rewrite = load_docs_hook("keras_sections").rewrite
     assert rewrite(KERAS_DOCSTRING) == GOOGLE_DOCSTRING
     assert rewrite(GOOGLE_DOCSTRING) == GOOGLE_DOCSTRING

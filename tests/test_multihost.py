@@ -27,6 +27,8 @@ import keras_moe
 from keras_moe.distribution import process_local_data
 from tests.conftest import BACKEND
 from tests.conftest import REPO
+from tests.test_distribution import jax_only
+from tests.test_distribution import one_device_mesh
 
 EXAMPLE = REPO / "examples" / "expert_parallel.py"
 # The launcher kills its processes after RUN_TIMEOUT seconds; the test kills
@@ -34,15 +36,6 @@ EXAMPLE = REPO / "examples" / "expert_parallel.py"
 RUN_TIMEOUT = 300
 TOLERANCE = 2e-5
 EXPERT_SHARDS = 4
-
-# Keras 3.15's distribution API runs on JAX only: the other backends' runs
-# of the suite check its clear error instead.
-jax_only = pytest.mark.only_backend("jax")
-
-
-def one_device_mesh(axis_names=("batch", "expert")):
-    shape = (1,) * len(axis_names)
-    return keras.distribution.DeviceMesh(shape, list(axis_names), devices=["cpu:0"])
 
 
 def run_example(out):

@@ -19,7 +19,6 @@
 """
 
 import datetime
-import importlib.util
 import inspect
 import io
 import re
@@ -33,6 +32,7 @@ import keras_moe
 from keras_moe import utils
 from keras_moe.version import __version__
 from tests.conftest import REPO
+from tests.conftest import load_docs_hook
 
 try:
     import tomllib
@@ -73,14 +73,6 @@ def released_entries():
     return entries
 
 
-def load_docs_hook():
-    path = REPO / "docs" / "hooks" / "generated.py"
-    spec = importlib.util.spec_from_file_location("generated", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # ---------------------------------------------------------------- the version
 
 
@@ -114,7 +106,7 @@ def test_changelog_latest_release_is_the_package_version():
 
 
 def test_docs_home_page_shows_the_package_version():
-    hook = load_docs_hook()
+    hook = load_docs_hook("generated")
     assert hook.package_version(REPO) == keras_moe.__version__
     page = (REPO / "docs" / "index.md").read_text(encoding="utf-8")
     assert hook.VERSION_PLACEHOLDER in page, "docs/index.md does not show the version"

@@ -29,7 +29,7 @@ from keras_moe import routing
 from keras_moe.layers import FeedForwardExperts
 from keras_moe.routing import TopKRouter
 from tests.conftest import to_numpy
-from tests.layers.test_conv_moe import np_conv
+from tests.layers.references import np_conv
 
 POLICIES = ["mixed_float16", "mixed_bfloat16"]
 CONVS = {1: Conv1DMoE, 2: Conv2DMoE, 3: Conv3DMoE}

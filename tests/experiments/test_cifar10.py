@@ -8,6 +8,9 @@ from keras_moe import cli
 from keras_moe.experiments import cifar10
 from keras_moe.experiments import common
 from keras_moe.experiments import runs
+from tests.experiments.conftest import quick_results
+from tests.experiments.conftest import small_images_error
+from tests.experiments.conftest import usage_error
 from tests.experiments.conftest import write_image_folder
 
 
@@ -32,13 +35,8 @@ def test_widened_cnns_match_the_moe_parameters(name):
 
 def test_quick_run_on_an_image_folder(tmp_path, capsys):
     # 12x12 is about the smallest input the original stack's pooling accepts.
-    image_folder = write_image_folder(tmp_path / "images", size=12)
-    out = tmp_path / "c"
-    argv = ["cifar10", "--quick", "--data", str(image_folder), "--out", str(out)]
-    cli.main([*argv, "--models", "cnn", "moe", "--verbose", "0"])
-    results = json.loads((out / "results.json").read_text())
-    assert results["experiment"] == "cifar10"
-    assert results["command"].startswith("keras-moe cifar10 --quick")
+    options = ["--models", "cnn", "moe", "--verbose", "0"]
+    out, results = quick_results(tmp_path, "cifar10", 12, options)
     assert results["data"]["train_images"] == 12 and results["data"]["test_images"] == 6
     assert results["data"]["classes"] == ["cat", "dog", "frog"]
     assert list(results["models"]) == ["cnn", "moe"]
@@ -137,10 +135,9 @@ def test_merge_refuses_the_same_run_twice(tmp_path):
 def test_merge_refuses_mixed_protocols(tmp_path, capsys, second, message):
     a = _finished_run(tmp_path / "a", "cnn", 0, [0.5])
     b = _finished_run(tmp_path / "b", "moe", 0, [0.6], settings=second)
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["cifar10", "--merge", str(a), str(b), "--out", str(tmp_path / "m")])
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in usage_error(
+        capsys, ["cifar10", "--merge", str(a), str(b), "--out", str(tmp_path / "m")]
+    )
 
 
 def test_welch_matches_a_hand_computation():
@@ -213,10 +210,7 @@ def test_resume_refuses_another_protocol(tmp_path, capsys):
     out = _finished_run(tmp_path / "out", "cnn", 0, [0.5])
     runs.write_protocol(out, {"epochs": 1})
     argv = ["cifar10", "--data", str(tmp_path), "--out", str(out), "--resume"]
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([*argv, "--epochs", "2"])
-    assert exit_info.value.code == 2
-    assert "same protocol" in capsys.readouterr().err
+    assert "same protocol" in usage_error(capsys, [*argv, "--epochs", "2"])
 
 
 def test_claims_keep_processes_apart(tmp_path):
@@ -249,10 +243,9 @@ def test_counts_are_checked_before_anything_happens(
     tmp_path, capsys, option, value, message
 ):
     out = tmp_path / "never"
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["cifar10", "--data", "nowhere", "--out", str(out), option, value])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    err = usage_error(
+        capsys, ["cifar10", "--data", "nowhere", "--out", str(out), option, value]
+    )
     assert f"argument {option}: {message}" in err
     assert not out.exists()
 
@@ -265,10 +258,7 @@ def test_no_network_is_one_line_pointing_at_data(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(keras.datasets.cifar10, "load_data", offline)
     out = tmp_path / "never"
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["cifar10", "--quick", "--out", str(out)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    err = usage_error(capsys, ["cifar10", "--quick", "--out", str(out)])
     assert "could not be downloaded" in err and "--data PATH" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) <= 3
     assert not out.exists()
@@ -276,24 +266,16 @@ def test_no_network_is_one_line_pointing_at_data(tmp_path, capsys, monkeypatch):
 
 def test_unreadable_data_is_one_line(tmp_path, capsys):
     out = tmp_path / "never"
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["cifar10", "--data", str(tmp_path / "nowhere"), "--out", str(out)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    err = usage_error(
+        capsys, ["cifar10", "--data", str(tmp_path / "nowhere"), "--out", str(out)]
+    )
     assert "must be an existing folder or tar archive" in err
     assert not out.exists()
 
 
 def test_images_too_small_for_the_networks_are_one_line(tmp_path, capsys):
-    image_folder = write_image_folder(tmp_path / "images", size=9)
-    out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["cifar10", "--quick", "--data", str(image_folder), "--out", str(out)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    err = small_images_error(tmp_path, capsys, "cifar10", size=9)
     assert "must hold images of at least 10 x 10 pixels" in err
-    assert len(err.splitlines()) == 1
-    assert not out.exists()
 
 
 @pytest.mark.parametrize("name", ["cnn", "moe", "moe-pooled"])

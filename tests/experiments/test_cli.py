@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from keras_moe import cli
+from tests.experiments.conftest import usage_error
 
 
 def test_every_subcommand_is_a_module_with_the_four_names():
@@ -47,10 +48,7 @@ def test_help_shows_defaults_only_where_they_mean_something(capsys):
 
 
 def test_unknown_subcommand_is_an_error(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["nope"])
-    assert exit_info.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+    assert "invalid choice" in usage_error(capsys, ["nope"])
 
 
 def test_python_dash_m_runs_the_same_command():
@@ -270,10 +268,7 @@ def test_bad_arguments_are_one_line_before_any_work(
     argv = [part.format(**places) for part in shlex.split(command_line)]
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "never")]
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    err = usage_error(capsys, argv)
     assert len(err.splitlines()) == 1, err
     # argparse reports unknown options from the top-level parser.
     command = "keras-moe" if "unrecognized" in message else f"keras-moe {argv[0]}"

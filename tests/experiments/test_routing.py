@@ -1,5 +1,3 @@
-import json
-
 import pytest
 
 from keras_moe import MoEFeedForward
@@ -9,7 +7,8 @@ from keras_moe.experiments import common
 from keras_moe.experiments import routing
 from keras_moe.routing import ExpertChoiceRouter
 from keras_moe.routing import TopKRouter
-from tests.experiments.conftest import write_image_folder
+from tests.experiments.conftest import quick_results
+from tests.experiments.conftest import small_images_error
 
 
 def arguments(*options):
@@ -59,13 +58,8 @@ def test_expert_choice_and_the_balance_bias_are_their_routers():
 
 
 def test_quick_run_writes_results_plot_and_summary(tmp_path):
-    image_folder = write_image_folder(tmp_path / "images", size=16)
-    out = tmp_path / "r"
-    argv = ["routing", "--quick", "--data", str(image_folder), "--out", str(out)]
-    cli.main([*argv, "--models", "token-choice", "soft-moe", "--verbose", "0"])
-    results = json.loads((out / "results.json").read_text())
-    assert results["experiment"] == "routing"
-    assert results["command"].startswith("keras-moe routing --quick")
+    options = ["--models", "token-choice", "soft-moe", "--verbose", "0"]
+    out, results = quick_results(tmp_path, "routing", 16, options)
     assert results["data"]["tokens_per_image"] == 16
     assert list(results["models"]) == ["token-choice", "soft-moe"]
     for model in results["models"].values():
@@ -84,11 +78,5 @@ def test_quick_run_writes_results_plot_and_summary(tmp_path):
 
 
 def test_images_smaller_than_a_patch_are_one_line(tmp_path, capsys):
-    image_folder = write_image_folder(tmp_path / "images", size=3)
-    out = tmp_path / "r"
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["routing", "--quick", "--data", str(image_folder), "--out", str(out)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    err = small_images_error(tmp_path, capsys, "routing", size=3)
     assert "must hold images of at least 4 x 4 pixels (one patch)" in err
-    assert len(err.splitlines()) == 1

@@ -14,89 +14,57 @@ VOCAB = 40
 D = 16
 
 
+# The arguments every family's backbone here shares.
+SHARED = {
+    "vocabulary_size": VOCAB,
+    "num_layers": 1,
+    "num_query_heads": 2,
+    "num_key_value_heads": 1,
+    "hidden_dim": D,
+}
+
+# Each family's backbone class and its own arguments beyond the shared ones
+# in `backbone`. Qwen3.5-MoE runs full attention only: the linear-attention
+# layers (GatedDeltaNet) have nothing to do with the MoE blocks and are slow
+# in eager mode.
+_AUX = {"router_aux_loss_coefficient": 0.1}
+_BACKBONES = {
+    "mixtral": ("Mixtral", dict(intermediate_dim=12, top_k=2, sliding_window=4)),
+    "qwen_moe": ("QwenMoe", dict(intermediate_dim=12, top_k=2, **_AUX)),
+    "qwen3_moe": ("Qwen3Moe", dict(intermediate_dim=12, top_k=3, head_dim=8, **_AUX)),
+    "qwen3_5_moe": ("Qwen3_5Moe", dict(head_dim=8, top_k=2, **_AUX)),
+    "gpt_oss": ("GptOss", dict(intermediate_dim=6, top_k=2, head_dim=8)),
+    "gemma4": ("Gemma4", dict(intermediate_dim=12, head_dim=8, image_size=None)),
+}
+
+
 def backbone(family, dtype=None):
-    models = keras_hub.models
-    common = {
-        "vocabulary_size": VOCAB,
-        "num_layers": 1,
-        "num_query_heads": 2,
-        "num_key_value_heads": 1,
-        "hidden_dim": D,
-        "dtype": dtype,
-    }
+    if family not in _BACKBONES:
+        raise ValueError(f"unknown family {family!r}")
+    name, options = _BACKBONES[family]
+    options = dict(options)
     if family == "mixtral":
-        return models.MixtralBackbone(
-            intermediate_dim=12,
-            num_experts=4,
-            top_k=2,
-            sliding_window=4,
-            router_aux_loss_coef=0.1,
-            **common,
-        )
+        options["router_aux_loss_coef"] = 0.1
+    if family.startswith("qwen"):
+        options["moe_intermediate_dim"] = 6
     if family == "qwen_moe":
-        return models.QwenMoeBackbone(
-            intermediate_dim=12,
-            moe_intermediate_dim=6,
-            shared_expert_intermediate_dim=10,
-            num_experts=4,
-            top_k=2,
-            norm_top_k_prob=False,
-            router_aux_loss_coefficient=0.1,
-            **common,
-        )
+        options.update(shared_expert_intermediate_dim=10, norm_top_k_prob=False)
     if family == "qwen3_moe":
-        return models.Qwen3MoeBackbone(
-            intermediate_dim=12,
-            moe_intermediate_dim=6,
-            num_experts=4,
-            top_k=3,
-            norm_top_k_prob=True,
-            head_dim=8,
-            router_aux_loss_coefficient=0.1,
-            **common,
-        )
+        options["norm_top_k_prob"] = True
     if family == "qwen3_5_moe":
-        # Full attention only: the linear-attention layers (GatedDeltaNet)
-        # have nothing to do with the MoE blocks and are slow in eager mode.
-        return models.Qwen3_5MoeBackbone(
-            head_dim=8,
-            moe_intermediate_dim=6,
-            shared_expert_intermediate_size=10,
-            num_experts=4,
-            top_k=2,
-            layer_types=["full_attention", "full_attention"],
-            router_aux_loss_coefficient=0.1,
-            **common,
-        )
-    if family == "gpt_oss":
-        return models.GptOssBackbone(
-            intermediate_dim=6, num_experts=4, top_k=2, head_dim=8, **common
-        )
+        options["shared_expert_intermediate_size"] = 10
+        options["layer_types"] = ["full_attention", "full_attention"]
     if family == "gemma4":
-        return models.Gemma4Backbone(
-            image_size=None,
-            intermediate_dim=12,
-            head_dim=8,
-            sliding_window_size=4,
-            enable_moe_block=True,
-            num_experts=4,
-            expert_intermediate_dim=6,
-            num_experts_per_token=2,
-            **common,
-        )
-    raise ValueError(f"unknown family {family!r}")
+        options.update(sliding_window_size=4, enable_moe_block=True)
+        options.update(expert_intermediate_dim=6, num_experts_per_token=2)
+    model = getattr(keras_hub.models, f"{name}Backbone")
+    return model(**SHARED, num_experts=4, dtype=dtype, **options)
 
 
 def causal_lm(family, dtype=None):
-    classes = {
-        "mixtral": keras_hub.models.MixtralCausalLM,
-        "qwen_moe": keras_hub.models.QwenMoeCausalLM,
-        "qwen3_moe": keras_hub.models.Qwen3MoeCausalLM,
-        "qwen3_5_moe": keras_hub.models.Qwen3_5MoeCausalLM,
-        "gpt_oss": keras_hub.models.GptOssCausalLM,
-        "gemma4": keras_hub.models.Gemma4CausalLM,
-    }
-    return classes[family](backbone=backbone(family, dtype), preprocessor=None)
+    name = _BACKBONES[family][0]
+    model = getattr(keras_hub.models, f"{name}CausalLM")
+    return model(backbone=backbone(family, dtype), preprocessor=None)
 
 
 def randomize(model, seed=0, scale=0.3):

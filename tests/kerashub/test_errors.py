@@ -24,14 +24,7 @@ def test_not_a_kerashub_model():
 
 
 def test_a_model_without_moe_blocks():
-    backbone = keras_hub.models.MistralBackbone(
-        vocabulary_size=10,
-        num_layers=1,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=8,
-        intermediate_dim=8,
-    )
+    backbone = keras_hub.models.MistralBackbone(intermediate_dim=8, **families.SHARED)
     with pytest.raises(ValueError, match="no MoE block.*Mixtral.*MistralBackbone"):
         sparsify(backbone)
 

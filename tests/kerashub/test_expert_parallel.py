@@ -4,12 +4,12 @@ experts: 8 simulated devices with JAX in their own process
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from tests.conftest import REPO
+from tests.conftest import run_on_eight_devices
+from tests.conftest import worker_report
 from tests.kerashub import expert_parallel_worker
 
 WORKER = REPO / "tests" / "kerashub" / "expert_parallel_worker.py"
@@ -18,28 +18,12 @@ WORKER = REPO / "tests" / "kerashub" / "expert_parallel_worker.py"
 # The worker runs JAX whatever this suite's backend: once is enough.
 @pytest.mark.only_backend("jax")
 def test_sparsified_backbones_shard_their_experts(tmp_path):
-    env = {
-        **os.environ,
-        "KERAS_BACKEND": "jax",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join(
-            [str(REPO), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]
-        ),
-    }
+    python_path = os.pathsep.join(
+        [str(REPO), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]
+    )
     report_path = tmp_path / "report.json"
-    run = subprocess.run(
-        [sys.executable, str(WORKER), str(report_path)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert report_path.exists(), (
-        f"worker wrote no report (rc={run.returncode}):\n{run.stderr[-4000:]}"
-    )
-    report = json.loads(report_path.read_text())
+    run = run_on_eight_devices(WORKER, report_path, 600, PYTHONPATH=python_path)
+    report = worker_report(report_path, run)
     assert sorted(report) == sorted(expert_parallel_worker.FAMILIES)
     failed = {family: r["detail"] for family, r in report.items() if not r["ok"]}
     assert not failed, json.dumps(failed, indent=1)[:8000]

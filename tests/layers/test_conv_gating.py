@@ -6,8 +6,6 @@ harness for each mode; inputs of undefined spatial size; the CondConv
 through `compat`; bad values and config round trips.
 """
 
-import itertools
-
 import keras
 import numpy as np
 import pytest
@@ -19,16 +17,14 @@ from keras_moe import Conv3DMoE
 from keras_moe import compat
 from keras_moe.layers import base_conv_moe
 from tests.conftest import to_numpy
+from tests.harness import run_harness
+from tests.layers.references import np_conv
+from tests.layers.references import np_softmax
 
 LAYERS = {1: Conv1DMoE, 2: Conv2DMoE, 3: Conv3DMoE}
 # Small channels-last input shapes (batch first) per rank.
 SHAPES = {1: (2, 7, 3), 2: (2, 6, 5, 3), 3: (2, 4, 5, 3, 2)}
 N_FILTERS, N_EXPERTS = 3, 2
-
-
-def np_softmax(x):
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 ACTIVATIONS = {
@@ -37,36 +33,6 @@ ACTIVATIONS = {
     "softmax": np_softmax,
     "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
 }
-
-
-def np_conv(x, kernel, strides, padding, dilation):
-    """Channels-last convolution (cross-correlation), one slice per kernel tap.
-
-    `x` `(b, *spatial, c_in)`, `kernel` `kernel_size + (c_in, c_out)`;
-    `"same"` pads as TensorFlow does (the extra row at the end).
-    """
-    rank = x.ndim - 2
-    kernel_size = kernel.shape[:rank]
-    effective = [d * (k - 1) + 1 for k, d in zip(kernel_size, dilation)]
-    if padding == "causal":
-        pads = [(effective[0] - 1, 0)]
-    elif padding == "same":
-        pads = []
-        for n, e, s in zip(x.shape[1:-1], effective, strides):
-            total = max((-(-n // s) - 1) * s + e - n, 0)
-            pads.append((total // 2, total - total // 2))
-    else:
-        pads = [(0, 0)] * rank
-    x = np.pad(x, [(0, 0)] + pads + [(0, 0)])
-    out = [(n - e) // s + 1 for n, e, s in zip(x.shape[1:-1], effective, strides)]
-    y = np.zeros((x.shape[0], *out, kernel.shape[-1]))
-    for tap in itertools.product(*(range(k) for k in kernel_size)):
-        window = tuple(
-            slice(t * d, t * d + (n - 1) * s + 1, s)
-            for t, n, s, d in zip(tap, out, strides, dilation)
-        )
-        y += x[(slice(None), *window)] @ kernel[tap]
-    return y
 
 
 def reference(x, weights, kwargs, rank):
@@ -301,9 +267,10 @@ class ConvGatingLayerTest(testing.TestCase):
         # training step and the mixed-precision check.
         shape = SHAPES[rank]
         out = (2, 4, 3) if rank == 2 else (2, 5)
-        self.run_layer_test(
+        run_harness(
+            self,
             LAYERS[rank],
-            init_kwargs={
+            {
                 "n_filters": 4,
                 "n_experts_per_filter": 4,
                 "kernel_size": 3,
@@ -312,12 +279,9 @@ class ConvGatingLayerTest(testing.TestCase):
                 "gating_activation": "softmax",
                 **kwargs,
             },
-            input_shape=shape,
-            expected_output_shape=out + (4,),
-            expected_num_trainable_weights=4,
-            expected_num_non_trainable_weights=0,
-            expected_num_seed_generators=0,
-            expected_num_losses=0,
+            (shape, out + (4,)),
+            (4, 0, 0, 0),
+            supports_masking=None,
         )
 
     def test_flatten(self):

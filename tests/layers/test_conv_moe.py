@@ -2,7 +2,6 @@
 reference of the original formula, properties, initialisation statistics,
 mixed precision, bad arguments and config round trips."""
 
-import itertools
 import math
 
 import keras
@@ -12,12 +11,18 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 from keras.src import testing
-from keras.src.backend.common.variables import AutocastScope
 
 from keras_moe import Conv1DMoE
 from keras_moe import Conv2DMoE
 from keras_moe import Conv3DMoE
 from tests.conftest import to_numpy
+from tests.harness import run_harness
+from tests.layers.references import UNIT_ROUNDOFF
+from tests.layers.references import call_with_float32_router
+from tests.layers.references import count_ops_calls
+from tests.layers.references import np_conv
+from tests.layers.references import np_softmax
+from tests.layers.references import rounding_bound
 
 LAYERS = {1: Conv1DMoE, 2: Conv2DMoE, 3: Conv3DMoE}
 KERAS_CONVS = {1: keras.layers.Conv1D, 2: keras.layers.Conv2D, 3: keras.layers.Conv3D}
@@ -30,49 +35,12 @@ NP_ACTIVATIONS = {
 }
 
 
-def np_softmax(x, axis=-1):
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
-
-
 def np_activation(name):
     return np_softmax if name == "softmax" else NP_ACTIVATIONS[name]
 
 
 def as_tuple(value, rank):
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * rank
-
-
-def np_conv(x, kernel, strides, padding, dilation):
-    """Naive channels-last convolution (cross-correlation) with explicit loops.
-
-    `x` `(b, *spatial, c_in)`, `kernel` `kernel_size + (c_in, c_out)`; padding
-    as TensorFlow defines it (`"same"` pads the extra row at the end).
-    """
-    rank = x.ndim - 2
-    kernel_size = kernel.shape[:rank]
-    effective = [d * (k - 1) + 1 for k, d in zip(kernel_size, dilation)]
-    if padding == "causal":
-        pads = [(effective[0] - 1, 0)]
-    elif padding == "same":
-        pads = []
-        for n, e, s in zip(x.shape[1:-1], effective, strides):
-            total = max((math.ceil(n / s) - 1) * s + e - n, 0)
-            pads.append((total // 2, total - total // 2))
-    else:
-        pads = [(0, 0)] * rank
-    x = np.pad(x, [(0, 0)] + pads + [(0, 0)])
-    out_spatial = [
-        (n - e) // s + 1 for n, e, s in zip(x.shape[1:-1], effective, strides)
-    ]
-    out = np.zeros((x.shape[0], *out_spatial, kernel.shape[-1]))
-    for position in itertools.product(*(range(n) for n in out_spatial)):
-        for offset in itertools.product(*(range(k) for k in kernel_size)):
-            index = tuple(
-                p * s + o * d for p, o, s, d in zip(position, offset, strides, dilation)
-            )
-            out[(slice(None), *position)] += x[(slice(None), *index)] @ kernel[offset]
-    return out
 
 
 def reference_conv_moe(x, weights, kwargs, rank):
@@ -250,15 +218,12 @@ def test_run_layer_test(rank, kwargs, input_shape, output_shape):
         2 + kwargs.get("use_expert_bias", True) + kwargs.get("use_gating_bias", True)
     )
     case = ConvMoELayerTest("run_layer_test")
-    case.run_layer_test(
+    run_harness(
+        case,
         LAYERS[rank],
-        init_kwargs=kwargs,
-        input_shape=input_shape,
-        expected_output_shape=output_shape,
-        expected_num_trainable_weights=n_weights,
-        expected_num_non_trainable_weights=0,
-        expected_num_seed_generators=0,
-        expected_num_losses=0,
+        kwargs,
+        (input_shape, output_shape),
+        (n_weights, 0, 0, 0),
         supports_masking=False,
     )
 
@@ -489,18 +454,6 @@ def test_initialisation_std_in_other_ranks(rank):
 # ---------------------------------------------------------------- mixed precision
 
 
-# The unit roundoff `u` of each compute dtype: half its epsilon.
-UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
-
-
-def rounding_bound(n, u):
-    """Higham's `gamma_n = n u / (1 - n u)`: the relative error of `n`
-    successive roundings ("Accuracy and Stability of Numerical Algorithms",
-    2002, 3.1); a dot product of `n` rounded terms is within `gamma_{n+2}` of
-    `sum |x_i w_i|`."""
-    return n * u / (1 - n * u)
-
-
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 @pytest.mark.parametrize("rank", [1, 2, 3])
 def test_mixed_precision_keeps_the_router_in_float32(policy, rank):
@@ -525,17 +478,7 @@ def test_mixed_precision_keeps_the_router_in_float32(policy, rank):
     )
     compute_dtype = keras.DTypePolicy(policy).compute_dtype
     x = rng.normal(size=input_shape).astype("float32")
-    out = mixed(x)
-    assert keras.backend.standardize_dtype(out.dtype) == compute_dtype
-    for w in mixed.weights:
-        assert keras.backend.standardize_dtype(w.dtype) == "float32"
-    with AutocastScope(compute_dtype):
-        for w in (mixed.gating_kernel, mixed.gating_bias):
-            assert keras.backend.standardize_dtype(w.value.dtype) == "float32"
-        assert (
-            keras.backend.standardize_dtype(mixed.expert_kernel.value.dtype)
-            == compute_dtype
-        )
+    out = call_with_float32_router(mixed, x, compute_dtype)
 
     # Against the float64 NumPy reference, within a first-order bound of the
     # compute dtype's rounding errors (unit roundoff `u`), per output:
@@ -856,15 +799,7 @@ def test_all_experts_come_from_one_convolution(monkeypatch, rank, n_experts):
     layer = LAYERS[rank](3, n_experts, 2, gating_activation="softmax")
     x = np.ones((2,) + (3,) * rank + (2,), "float32")
     layer.build(x.shape)
-    counts = dict.fromkeys(["conv", "matmul", "sum"], 0)
-    for name in counts:
-        original = getattr(keras.ops, name)
-
-        def counting(*args, _name=name, _original=original, **kwargs):
-            counts[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(keras.ops, name, counting)
+    counts = count_ops_calls(monkeypatch, ["conv", "matmul", "sum"])
     layer(x)
     # One convolution for every (filter, expert), one matmul for the gates,
     # one reduction to mix: independent of the number of experts.

@@ -12,10 +12,15 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from keras.src import testing
 from keras.src.backend.common.masking import get_keras_mask
-from keras.src.backend.common.variables import AutocastScope
 
 from keras_moe import DenseMoE
 from tests.conftest import to_numpy
+from tests.harness import run_harness
+from tests.layers.references import UNIT_ROUNDOFF
+from tests.layers.references import call_with_float32_router
+from tests.layers.references import count_ops_calls
+from tests.layers.references import np_softmax
+from tests.layers.references import rounding_bound
 
 ACTIVATIONS = {
     None: lambda x: x,
@@ -24,11 +29,6 @@ ACTIVATIONS = {
     "tanh": np.tanh,
     "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
 }
-
-
-def np_softmax(x, axis=-1):
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
 
 
 def np_activation(name):
@@ -78,51 +78,27 @@ def randomize(layer, rng):
 
 class DenseMoELayerTest(testing.TestCase):
     def test_2d_input(self):
-        self.run_layer_test(
-            DenseMoE,
-            init_kwargs={
-                "units": 4,
-                "n_experts": 3,
-                "expert_activation": "relu",
-                "gating_activation": "softmax",
-            },
-            input_shape=(2, 5),
-            expected_output_shape=(2, 4),
-            expected_num_trainable_weights=4,
-            expected_num_non_trainable_weights=0,
-            expected_num_seed_generators=0,
-            expected_num_losses=0,
-            supports_masking=True,
-        )
+        kwargs = {
+            "units": 4,
+            "n_experts": 3,
+            "expert_activation": "relu",
+            "gating_activation": "softmax",
+        }
+        run_harness(self, DenseMoE, kwargs, ((2, 5), (2, 4)), (4, 0, 0, 0))
 
     def test_3d_input_without_biases(self):
-        self.run_layer_test(
-            DenseMoE,
-            init_kwargs={
-                "units": 3,
-                "n_experts": 2,
-                "use_expert_bias": False,
-                "use_gating_bias": False,
-                "gating_activation": "sigmoid",
-            },
-            input_shape=(2, 3, 5),
-            expected_output_shape=(2, 3, 3),
-            expected_num_trainable_weights=2,
-            expected_num_non_trainable_weights=0,
-            expected_num_losses=0,
-            supports_masking=True,
-        )
+        kwargs = {
+            "units": 3,
+            "n_experts": 2,
+            "use_expert_bias": False,
+            "use_gating_bias": False,
+            "gating_activation": "sigmoid",
+        }
+        run_harness(self, DenseMoE, kwargs, ((2, 3, 5), (2, 3, 3)), (2, 0, None, 0))
 
     def test_activity_regularizer_adds_a_loss(self):
-        self.run_layer_test(
-            DenseMoE,
-            init_kwargs={"units": 2, "n_experts": 2, "activity_regularizer": "l2"},
-            input_shape=(2, 4),
-            expected_output_shape=(2, 2),
-            expected_num_trainable_weights=4,
-            expected_num_losses=1,
-            supports_masking=True,
-        )
+        kwargs = {"units": 2, "n_experts": 2, "activity_regularizer": "l2"}
+        run_harness(self, DenseMoE, kwargs, ((2, 4), (2, 2)), (4, None, None, 1))
 
 
 def test_mask_passes_through():
@@ -297,18 +273,6 @@ def test_bias_initializers_are_used():
 # ---------------------------------------------------------------- mixed precision
 
 
-# The unit roundoff `u` of each compute dtype: half its epsilon.
-UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
-
-
-def rounding_bound(n, u):
-    """Higham's `gamma_n = n u / (1 - n u)`: the relative error of `n`
-    successive roundings ("Accuracy and Stability of Numerical Algorithms",
-    2002, 3.1); a dot product of `n` rounded terms is within `gamma_{n+2}` of
-    `sum |x_i w_i|`."""
-    return n * u / (1 - n * u)
-
-
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_keeps_the_router_in_float32(policy):
     rng = np.random.default_rng(2)
@@ -323,17 +287,7 @@ def test_mixed_precision_keeps_the_router_in_float32(policy):
     randomize(mixed, rng)
     compute_dtype = keras.DTypePolicy(policy).compute_dtype
     x = rng.normal(size=(5, 6)).astype("float32")
-    out = mixed(x)
-    assert keras.backend.standardize_dtype(out.dtype) == compute_dtype
-    for w in mixed.weights:
-        assert keras.backend.standardize_dtype(w.dtype) == "float32"
-    with AutocastScope(compute_dtype):
-        for w in (mixed.gating_kernel, mixed.gating_bias):
-            assert keras.backend.standardize_dtype(w.value.dtype) == "float32"
-        assert (
-            keras.backend.standardize_dtype(mixed.expert_kernel.value.dtype)
-            == compute_dtype
-        )
+    out = call_with_float32_router(mixed, x, compute_dtype)
 
     # Against the float64 NumPy reference, within a first-order bound of the
     # compute dtype's rounding errors (unit roundoff `u`), per output:
@@ -559,19 +513,6 @@ def test_constraints_are_attached_to_the_weights():
 
 
 # ---------------------------------------------------------------- no loops
-
-
-def count_ops_calls(monkeypatch, names):
-    counts = dict.fromkeys(names, 0)
-    for name in names:
-        original = getattr(keras.ops, name)
-
-        def counting(*args, _name=name, _original=original, **kwargs):
-            counts[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(keras.ops, name, counting)
-    return counts
 
 
 def test_all_experts_come_from_one_matmul(monkeypatch):

@@ -8,7 +8,10 @@ import pytest
 from keras.src import testing
 
 from keras_moe import DenseMoE
+from tests.conftest import assert_a_training_step_moves_every_weight
+from tests.conftest import reloaded_with_same_outputs
 from tests.conftest import to_numpy
+from tests.harness import run_harness
 
 D, U, E = 6, 5, 4
 
@@ -45,44 +48,26 @@ def randomized(layer, x):
 
 class DenseMoETopKLayerTest(testing.TestCase):
     def test_layer_harness(self):
-        self.run_layer_test(
-            DenseMoE,
-            init_kwargs={
-                "units": 3,
-                "n_experts": 4,
-                "expert_activation": "relu",
-                "top_k": 2,
-                "load_balance_weight": 0.01,
-            },
-            input_shape=(2, 3, 5),
-            expected_output_shape=(2, 3, 3),
-            expected_num_trainable_weights=4,
-            # The router's statistics: last values, their sums, the steps.
-            expected_num_non_trainable_weights=7,
-            expected_num_seed_generators=0,
-            expected_num_losses=0,
-            supports_masking=True,
-        )
+        # The router's statistics: last values, their sums, the steps.
+        kwargs = {
+            "units": 3,
+            "n_experts": 4,
+            "expert_activation": "relu",
+            "top_k": 2,
+            "load_balance_weight": 0.01,
+        }
+        run_harness(self, DenseMoE, kwargs, ((2, 3, 5), (2, 3, 3)), (4, 7, 0, 0))
 
     def test_layer_harness_noisy_capacity(self):
-        self.run_layer_test(
-            DenseMoE,
-            init_kwargs={
-                "units": 3,
-                "n_experts": 3,
-                "top_k": 1,
-                "noisy_gating": True,
-                "capacity_factor": 1.0,
-                "use_expert_bias": False,
-            },
-            input_shape=(4, 5),
-            expected_output_shape=(4, 3),
-            expected_num_trainable_weights=4,
-            expected_num_non_trainable_weights=7,
-            expected_num_seed_generators=1,
-            expected_num_losses=0,
-            supports_masking=True,
-        )
+        kwargs = {
+            "units": 3,
+            "n_experts": 3,
+            "top_k": 1,
+            "noisy_gating": True,
+            "capacity_factor": 1.0,
+            "use_expert_bias": False,
+        }
+        run_harness(self, DenseMoE, kwargs, ((4, 5), (4, 3)), (4, 7, 1, 0))
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -177,12 +162,7 @@ def test_losses_statistics_and_gradients():
     stats = layer.routing_stats
     assert stats["expert_load"].sum() == pytest.approx(1.0, rel=1e-5)
     assert stats["dropped_fraction"] == 0.0
-    model = keras.Sequential([keras.Input((D,)), layer])
-    model.compile(keras.optimizers.SGD(0.1), "mse")
-    before = {v.name: to_numpy(v).copy() for v in layer.trainable_weights}
-    model.train_on_batch(x, y)
-    for v in layer.trainable_weights:
-        assert not np.allclose(to_numpy(v), before[v.name]), v.name
+    assert_a_training_step_moves_every_weight(layer, x, y)
 
 
 def test_mixed_precision_keeps_the_router_in_float32():
@@ -207,14 +187,8 @@ def test_fit_jit_compile_and_save_load(tmp_path):
     assert np.isfinite(history.history["loss"]).all()
     mean = model.layers[0].routing_stats_mean()
     assert mean["steps"] == 3 and mean["dropped_fraction"] > 0.0
-    path = tmp_path / "dense_moe_top_k.keras"
-    model.save(path)
-    restored = keras.models.load_model(path)
-    np.testing.assert_allclose(
-        to_numpy(restored.predict(x, verbose=0)),
-        to_numpy(model.predict(x, verbose=0)),
-        rtol=1e-5,
-        atol=1e-6,
+    reloaded_with_same_outputs(
+        model, tmp_path / "dense_moe_top_k.keras", x, predict=True
     )
 
 

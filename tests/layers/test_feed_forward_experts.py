@@ -15,6 +15,7 @@ from keras_moe.layers import FeedForwardExperts
 from keras_moe.layers.feed_forward_experts import WEIGHTS
 from keras_moe.routing import Layout
 from tests.conftest import to_numpy
+from tests.harness import run_harness
 from tests.layers.test_moe_feed_forward import bank_weights
 from tests.layers.test_moe_feed_forward import np_expert
 from tests.layers.test_moe_feed_forward import np_gelu_tanh
@@ -25,22 +26,23 @@ D, M, E, C = 6, 5, 3, 4
 
 class FeedForwardExpertsLayerTest(testing.TestCase):
     def test_layer_harness(self):
-        self.run_layer_test(
+        # up, gate and down kernels, up and down biases.
+        run_harness(
+            self,
             FeedForwardExperts,
-            init_kwargs={"intermediate_dim": M, "n_experts": E, "gated": True},
-            input_shape=(2, E, C, D),
-            expected_output_shape=(2, E, C, D),
-            # up, gate and down kernels, up and down biases.
-            expected_num_trainable_weights=5,
-            expected_num_non_trainable_weights=0,
-            expected_num_seed_generators=0,
-            expected_num_losses=0,
+            {"intermediate_dim": M, "n_experts": E, "gated": True},
+            ((2, E, C, D), (2, E, C, D)),
+            (5, 0, 0, 0),
+            supports_masking=None,
         )
 
     def test_layer_harness_fused_clamped_scaled(self):
-        self.run_layer_test(
+        # gate/up and down kernels and biases, the scales; one regularization
+        # loss per kernel.
+        run_harness(
+            self,
             FeedForwardExperts,
-            init_kwargs={
+            {
                 "intermediate_dim": M,
                 "n_experts": E,
                 "gated": True,
@@ -50,13 +52,9 @@ class FeedForwardExpertsLayerTest(testing.TestCase):
                 "output_scale": True,
                 "kernel_regularizer": "l2",
             },
-            input_shape=(E, C, D),
-            expected_output_shape=(E, C, D),
-            # gate/up and down kernels and biases, the scales.
-            expected_num_trainable_weights=5,
-            expected_num_non_trainable_weights=0,
-            expected_num_seed_generators=0,
-            expected_num_losses=2,  # one regularization loss per kernel
+            ((E, C, D), (E, C, D)),
+            (5, 0, 0, 2),
+            supports_masking=None,
         )
 
 
@@ -162,22 +160,24 @@ def test_activation_dtype_float32_runs_the_activation_in_float32(gated):
         assert seen == [expected]
 
 
+# The weights of gated experts with a gate bias, in the order `build`
+# creates them.
+GATED_WEIGHTS = [
+    "up_kernel",
+    "gate_kernel",
+    "down_kernel",
+    "up_bias",
+    "down_bias",
+    "gate_bias",
+]
+
+
 @pytest.mark.parametrize(
     "kwargs, names",
     [
         ({}, ["up_kernel", "down_kernel", "up_bias", "down_bias"]),
         ({"use_bias": False}, ["up_kernel", "down_kernel"]),
-        (
-            {"gated": True, "use_gate_bias": True},
-            [
-                "up_kernel",
-                "gate_kernel",
-                "down_kernel",
-                "up_bias",
-                "down_bias",
-                "gate_bias",
-            ],
-        ),
+        ({"gated": True, "use_gate_bias": True}, GATED_WEIGHTS),
         (
             {"gated": True, "gate_up_layout": "concatenated", "output_scale": True},
             ["gate_up_kernel", "down_kernel", "gate_up_bias", "down_bias", "scale"],

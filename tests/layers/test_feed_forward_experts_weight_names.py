@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from keras_moe.layers import FeedForwardExperts
+from tests.layers.test_feed_forward_experts import GATED_WEIGHTS
 
 
 class ReorderedExperts(FeedForwardExperts):
@@ -22,12 +23,8 @@ class ReorderedExperts(FeedForwardExperts):
 def test_build_creates_the_weights_in_the_order_of_weight_names():
     experts = ReorderedExperts(6, 3, gated=True, use_bias=False, output_scale=True)
     experts.build((None, 4))
-    assert [v.name for v in experts.weights] == [
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-        "per_expert_scale",
-    ]
+    names = ["gate_proj", "up_proj", "down_proj", "per_expert_scale"]
+    assert [v.name for v in experts.weights] == names
     assert [tuple(v.shape) for v in experts.weights] == [
         (3, 4, 6),
         (3, 4, 6),
@@ -36,12 +33,7 @@ def test_build_creates_the_weights_in_the_order_of_weight_names():
     ]
     assert experts.gate_kernel is experts.weights[0]
     assert experts.scale is experts.weights[3]
-    assert experts.expert_weight_axes() == {
-        "gate_proj": 0,
-        "up_proj": 0,
-        "down_proj": 0,
-        "per_expert_scale": 0,
-    }
+    assert experts.expert_weight_axes() == dict.fromkeys(names, 0)
     rows = np.ones((3, 2, 4), "float32")
     assert tuple(experts(rows).shape) == (3, 2, 4)
 
@@ -49,14 +41,7 @@ def test_build_creates_the_weights_in_the_order_of_weight_names():
 def test_the_default_order_is_unchanged():
     experts = FeedForwardExperts(6, 3, gated=True, use_gate_bias=True)
     experts.build((None, 4))
-    assert [v.name for v in experts.weights] == [
-        "up_kernel",
-        "gate_kernel",
-        "down_kernel",
-        "up_bias",
-        "down_bias",
-        "gate_bias",
-    ]
+    assert [v.name for v in experts.weights] == GATED_WEIGHTS
 
 
 def test_a_weight_without_a_name_is_refused():

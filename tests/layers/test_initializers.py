@@ -25,77 +25,46 @@ from tests.conftest import to_numpy
 D, M, E = 16, 24, 4
 
 
+def initializers(kernel, bias):
+    return {"kernel_initializer": kernel, "bias_initializer": bias}
+
+
 def moe_ff(kernel, bias, **kwargs):
     # One instance for the router too: it must still draw its own values.
-    layer = MoEFeedForward(
-        M,
-        E,
-        kernel_initializer=kernel,
-        bias_initializer=bias,
-        router_initializer=kernel,
-        **kwargs,
-    )
-    return layer, (None, D)
+    options = {**initializers(kernel, bias), "router_initializer": kernel}
+    return MoEFeedForward(M, E, **options, **kwargs), (None, D)
 
 
 def composed(kernel, bias, shared_expert=False, **experts):
     """`MoEFeedForward` of given sublayers, one kernel initializer instance
     for all of them."""
+    shared = None
+    if shared_expert:
+        shared, _ = gated_shared_expert(kernel, bias, name="shared_expert")
     layer = MoEFeedForward(
         experts=FeedForwardExperts(
-            M,
-            E,
-            kernel_initializer=kernel,
-            bias_initializer=bias,
-            name="experts",
-            **experts,
+            M, E, **initializers(kernel, bias), name="experts", **experts
         ),
         router=TopKRouter(E, kernel_initializer=kernel, name="router"),
-        shared_expert=(
-            SharedExpert(
-                M,
-                gated=True,
-                output_gate=True,
-                kernel_initializer=kernel,
-                bias_initializer=bias,
-                name="shared_expert",
-            )
-            if shared_expert
-            else None
-        ),
+        shared_expert=shared,
     )
     return layer, (None, D)
 
 
 def feed_forward_experts(kernel, bias, **kwargs):
-    layer = FeedForwardExperts(
-        M, E, kernel_initializer=kernel, bias_initializer=bias, **kwargs
-    )
+    layer = FeedForwardExperts(M, E, **initializers(kernel, bias), **kwargs)
     return layer, (None, E, 3, D)
 
 
 def soft_moe(kernel, bias):
     # One instance for the router too: it must still draw its own values.
-    layer = SoftMoE(
-        M,
-        E,
-        gated=True,
-        kernel_initializer=kernel,
-        bias_initializer=bias,
-        router_initializer=kernel,
-    )
-    return layer, (None, 5, D)
+    options = {**initializers(kernel, bias), "router_initializer": kernel}
+    return SoftMoE(M, E, gated=True, **options), (None, 5, D)
 
 
-def shared_expert(kernel, bias):
-    layer = SharedExpert(
-        M,
-        gated=True,
-        output_gate=True,
-        kernel_initializer=kernel,
-        bias_initializer=bias,
-    )
-    return layer, (None, D)
+def gated_shared_expert(kernel, bias, **kwargs):
+    options = {**initializers(kernel, bias), **kwargs}
+    return SharedExpert(M, gated=True, output_gate=True, **options), (None, D)
 
 
 def dense_moe(kernel, bias):
@@ -141,7 +110,7 @@ CASES = {
         k, b, gated=True, gate_up_layout="interleaved", output_scale=True
     ),
     "soft_moe": soft_moe,
-    "shared_expert": shared_expert,
+    "shared_expert": gated_shared_expert,
     "dense_moe": dense_moe,
     "conv_moe": conv_moe,
     "top_k_router": top_k_router,

@@ -16,8 +16,12 @@ from keras_moe.layers import FeedForwardExperts
 from keras_moe.layers import SharedExpert
 from keras_moe.layers.feed_forward_experts import WEIGHTS
 from keras_moe.routing import TopKRouter
+from tests.conftest import assert_a_training_step_moves_every_weight
+from tests.conftest import assert_keras_masking_reaches
+from tests.conftest import reloaded_with_same_outputs
 from tests.conftest import skip_or_fail
 from tests.conftest import to_numpy
+from tests.harness import run_harness
 
 D, M, E = 8, 12, 4
 
@@ -169,6 +173,17 @@ def randomize(layer, seed=0):
         v.assign(rng.normal(size=v.shape).astype("float32") * 0.5)
 
 
+def with_same_weights(layer, other, shape, seed):
+    """Random inputs of `shape`, with `layer` and `other` built on them and
+    given the same weights: `layer`'s randomized ones."""
+    x = np.random.default_rng(seed).normal(size=shape).astype("float32")
+    layer.build(x.shape)
+    other.build(x.shape)
+    randomize(layer)
+    other.set_weights(layer.get_weights())
+    return x
+
+
 @keras.saving.register_keras_serializable(package="keras_moe_tests")
 class NoisyCapacityFeedForward(MoEFeedForward):
     """`MoEFeedForward` of gated experts without biases and a noisy top-1
@@ -249,47 +264,21 @@ class EveryOptionFeedForward(MoEFeedForward):
 
 class MoEFeedForwardLayerTest(testing.TestCase):
     def test_layer_harness(self):
-        self.run_layer_test(
-            MoEFeedForward,
-            init_kwargs={"intermediate_dim": 6, "n_experts": 3, "top_k": 2},
-            input_shape=(2, 3, 4),
-            expected_output_shape=(2, 3, 4),
-            expected_num_trainable_weights=5,
-            # The router's statistics: last values, their sums, the steps.
-            expected_num_non_trainable_weights=7,
-            expected_num_seed_generators=0,
-            expected_num_losses=0,  # losses only in training
-            supports_masking=True,
-        )
+        # The router's statistics: last values, their sums, the steps; losses
+        # only in training.
+        kwargs = {"intermediate_dim": 6, "n_experts": 3, "top_k": 2}
+        run_harness(self, MoEFeedForward, kwargs, ((2, 3, 4), (2, 3, 4)), (5, 7, 0, 0))
 
     def test_layer_harness_gated_noisy_capacity(self):
-        self.run_layer_test(
-            NoisyCapacityFeedForward,
-            init_kwargs={},
-            input_shape=(4, 4),
-            expected_output_shape=(4, 4),
-            # router kernel, bias and noise kernel; up, gate, down kernels.
-            expected_num_trainable_weights=6,
-            expected_num_non_trainable_weights=7,
-            expected_num_seed_generators=1,
-            expected_num_losses=0,
-            supports_masking=True,
-        )
+        # router kernel, bias and noise kernel; up, gate, down kernels.
+        run_harness(self, NoisyCapacityFeedForward, {}, ((4, 4), (4, 4)), (6, 7, 1, 0))
 
     def test_layer_harness_model_options(self):
-        self.run_layer_test(
-            EveryOptionFeedForward,
-            init_kwargs={},
-            input_shape=(2, 3, 4),
-            expected_output_shape=(2, 3, 4),
-            # router kernel, bias and input scale, gate/up and down kernels
-            # and biases, the scales, shared up/gate/down kernels and
-            # biases, its gate.
-            expected_num_trainable_weights=15,
-            expected_num_non_trainable_weights=7,
-            expected_num_seed_generators=1,
-            expected_num_losses=0,
-            supports_masking=True,
+        # router kernel, bias and input scale, gate/up and down kernels
+        # and biases, the scales, shared up/gate/down kernels and
+        # biases, its gate.
+        run_harness(
+            self, EveryOptionFeedForward, {}, ((2, 3, 4), (2, 3, 4)), (15, 7, 1, 0)
         )
 
 
@@ -460,24 +449,15 @@ def test_masked_tokens_ignored():
 
 
 def test_keras_masking_reaches_the_layer():
-    x = np.random.default_rng(5).normal(size=(2, 4, D)).astype("float32")
-    x[1, 2:] = 0.0
-    inputs = keras.Input((4, D))
-    outputs = MoEFeedForward(M, E)(keras.layers.Masking(0.0)(inputs))
-    y = to_numpy(keras.Model(inputs, outputs)(x))
-    assert np.all(y[1, 2:] == 0.0) and np.all(y[0] != 0.0)
+    x = np.random.default_rng(5).normal(size=(2, 4, D))
+    assert_keras_masking_reaches(MoEFeedForward(M, E), x)
 
 
 def test_gradients_reach_router_and_experts():
     x = np.random.default_rng(6).normal(size=(32, D)).astype("float32")
     y = np.random.default_rng(7).normal(size=(32, D)).astype("float32")
     layer = MoEFeedForward(M, E, top_k=2, gated=True, load_balance_weight=0.0)
-    model = keras.Sequential([keras.Input((D,)), layer])
-    model.compile(keras.optimizers.SGD(0.1), "mse")
-    before = {v.path: to_numpy(v).copy() for v in layer.trainable_weights}
-    model.train_on_batch(x, y)
-    for v in layer.trainable_weights:
-        assert not np.allclose(to_numpy(v), before[v.path]), v.path
+    assert_a_training_step_moves_every_weight(layer, x, y)
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
@@ -532,14 +512,8 @@ def test_fit_jit_compile_statistics_and_save_load(tmp_path, capacity_factor):
     layer.reset_routing_stats()
     assert layer.routing_stats_mean() is None
 
-    path = tmp_path / "moe.keras"
-    model.save(path)
-    restored = keras.models.load_model(path)
-    np.testing.assert_allclose(
-        to_numpy(restored.predict(x, verbose=0)),
-        to_numpy(model.predict(x, verbose=0)),
-        rtol=1e-5,
-        atol=1e-6,
+    restored = reloaded_with_same_outputs(
+        model, tmp_path / "moe.keras", x, predict=True
     )
     assert restored.layers[0].get_config() == layer.get_config()
 

@@ -19,6 +19,7 @@ from tests.conftest import to_numpy
 from tests.layers.test_moe_feed_forward import np_gelu
 from tests.layers.test_moe_feed_forward import randomize
 from tests.layers.test_moe_feed_forward import reference
+from tests.layers.test_moe_feed_forward import with_same_weights
 
 D, M, E = 6, 5, 4
 
@@ -35,39 +36,24 @@ def no_deprecation_warning(make):
 def test_given_sublayers_make_the_shorthand_layer():
     """The sublayers the shorthand builds, given: the same config and, with
     the same weights, the same outputs, losses and statistics."""
-    shorthand = MoEFeedForward(
-        M,
-        E,
-        top_k=2,
-        activation="silu",
-        gated=True,
-        capacity_factor=0.5,
-        load_balance_weight=0.1,
-        router_z_loss_weight=0.01,
-        name="block",
-    )
+    # The options the shorthand passes on to its experts and its router.
+    expert_options = {"activation": "silu", "gated": True}
+    router_options = {
+        "top_k": 2,
+        "capacity_factor": 0.5,
+        "load_balance_weight": 0.1,
+        "router_z_loss_weight": 0.01,
+    }
+    shorthand = MoEFeedForward(M, E, **expert_options, **router_options, name="block")
     composed = no_deprecation_warning(
         lambda: MoEFeedForward(
-            experts=FeedForwardExperts(
-                M, E, activation="silu", gated=True, name="experts"
-            ),
-            router=TopKRouter(
-                E,
-                top_k=2,
-                capacity_factor=0.5,
-                load_balance_weight=0.1,
-                router_z_loss_weight=0.01,
-                name="router",
-            ),
+            experts=FeedForwardExperts(M, E, **expert_options, name="experts"),
+            router=TopKRouter(E, **router_options, name="router"),
             name="block",
         )
     )
     assert composed.get_config() == shorthand.get_config()
-    x = np.random.default_rng(0).normal(size=(2, 5, D)).astype("float32")
-    shorthand.build(x.shape)
-    composed.build(x.shape)
-    randomize(shorthand)
-    composed.set_weights(shorthand.get_weights())
+    x = with_same_weights(shorthand, composed, (2, 5, D), seed=0)
     y = to_numpy(composed(x, training=True))
     np.testing.assert_array_equal(y, to_numpy(shorthand(x, training=True)))
     assert len(composed.losses) == 2
@@ -137,11 +123,7 @@ def test_config_round_trip_of_non_default_and_custom_sublayers():
         assert type(restored.router) is TopKRouter
         assert type(restored.shared_expert) is SharedExpert
         assert restored.get_config() == config
-    x = np.random.default_rng(1).normal(size=(2, 3, D)).astype("float32")
-    layer.build(x.shape)
-    restored.build(x.shape)
-    randomize(layer)
-    restored.set_weights(layer.get_weights())
+    x = with_same_weights(layer, restored, (2, 3, D), seed=1)
     np.testing.assert_array_equal(to_numpy(restored(x)), to_numpy(layer(x)))
 
 
@@ -177,11 +159,7 @@ def test_an_expert_choice_router_given_as_a_layer():
     shorthand = MoEFeedForward(
         M, E, top_k=1, routing="expert_choice", capacity_factor=1.0
     )
-    x = np.random.default_rng(3).normal(size=(2, 4, D)).astype("float32")
-    layer.build(x.shape)
-    shorthand.build(x.shape)
-    randomize(layer)
-    shorthand.set_weights(layer.get_weights())
+    x = with_same_weights(layer, shorthand, (2, 4, D), seed=3)
     np.testing.assert_array_equal(to_numpy(layer(x)), to_numpy(shorthand(x)))
     restored = MoEFeedForward.from_config(layer.get_config())
     assert type(restored.router) is ExpertChoiceRouter

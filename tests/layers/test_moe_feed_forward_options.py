@@ -128,22 +128,27 @@ def test_fused_weight_names_and_expert_axes():
     assert layer.experts.expert_weight_axes() == {name: 0 for name in expert_weights}
 
 
-def test_router_dtype_compute_routes_in_the_compute_dtype():
+def called_in_bfloat16(seed, n_tokens, **router_options):
+    """A top-2 `MoEFeedForward` (softmax before the top-k) under
+    `mixed_bfloat16`, called in training on random tokens: returns the
+    tokens, the layer, its output and its losses (taken before any later
+    call of its router clears them)."""
     keras.config.set_dtype_policy("mixed_bfloat16")
-    x = np.random.default_rng(14).normal(size=(64, D)).astype("float32")
-    layer = MoEFeedForward(
-        experts=FeedForwardExperts(M, E),
-        router=TopKRouter(
-            E,
-            top_k=2,
-            router_dtype="compute",
-            softmax_before_top_k=True,
-            load_balance_weight=0.01,
-            router_z_loss_weight=1.0,
-        ),
-    )
+    x = np.random.default_rng(seed).normal(size=(n_tokens, D)).astype("float32")
+    router = TopKRouter(E, top_k=2, softmax_before_top_k=True, **router_options)
+    layer = MoEFeedForward(experts=FeedForwardExperts(M, E), router=router)
     y = layer(x, training=True)
-    losses = layer.losses  # before the router's own calls below clear them
+    return x, layer, y, layer.losses
+
+
+def test_router_dtype_compute_routes_in_the_compute_dtype():
+    x, layer, y, losses = called_in_bfloat16(
+        14,
+        64,
+        router_dtype="compute",
+        load_balance_weight=0.01,
+        router_z_loss_weight=1.0,
+    )
     router = layer.router
     tokens = ops.cast(x, "bfloat16")
     logits = router.logits(tokens)
@@ -166,16 +171,7 @@ def test_router_dtype_compute_routes_in_the_compute_dtype():
 
 
 def test_router_dtype_float32_is_the_default_and_float32():
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    x = np.random.default_rng(15).normal(size=(16, D)).astype("float32")
-    layer = MoEFeedForward(
-        experts=FeedForwardExperts(M, E),
-        router=TopKRouter(
-            E, top_k=2, softmax_before_top_k=True, load_balance_weight=0.01
-        ),
-    )
-    layer(x, training=True)
-    losses = layer.losses  # before the router's own calls below clear them
+    x, layer, _, losses = called_in_bfloat16(15, 16, load_balance_weight=0.01)
     assert layer.router.router_dtype == "float32"
     tokens = ops.cast(x, "bfloat16")
     logits = layer.router.logits(tokens)

@@ -7,20 +7,18 @@ from keras.src import testing
 
 from keras_moe.layers.shared_expert import SharedExpert
 from tests.conftest import to_numpy
+from tests.harness import run_harness
 
 
 class SharedExpertLayerTest(testing.TestCase):
     def test_layer_harness(self):
-        self.run_layer_test(
+        # up, gate, down kernels and biases, the output gate's kernel.
+        run_harness(
+            self,
             SharedExpert,
-            init_kwargs={"intermediate_dim": 5, "gated": True, "output_gate": True},
-            input_shape=(2, 3, 4),
-            expected_output_shape=(2, 3, 4),
-            # up, gate, down kernels and biases, the output gate's kernel.
-            expected_num_trainable_weights=7,
-            expected_num_non_trainable_weights=0,
-            expected_num_losses=0,
-            supports_masking=True,
+            {"intermediate_dim": 5, "gated": True, "output_gate": True},
+            ((2, 3, 4), (2, 3, 4)),
+            (7, 0, None, 0),
         )
 
 

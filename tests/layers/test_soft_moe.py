@@ -9,7 +9,10 @@ from keras.src import testing
 
 from keras_moe import SoftMoE
 from keras_moe.callbacks import ExpertUsage
+from tests.conftest import assert_keras_masking_reaches
+from tests.conftest import reloaded_with_same_outputs
 from tests.conftest import to_numpy
+from tests.harness import run_harness
 from tests.layers.test_moe_feed_forward import bank_weights
 from tests.layers.test_moe_feed_forward import np_expert
 from tests.layers.test_moe_feed_forward import np_gelu
@@ -66,38 +69,20 @@ def reference(layer, x, activation, mask=None):
 
 class SoftMoELayerTest(testing.TestCase):
     def test_layer_harness(self):
-        self.run_layer_test(
-            SoftMoE,
-            init_kwargs={"intermediate_dim": 6, "n_experts": 3, "slots_per_expert": 2},
-            input_shape=(2, 5, 4),
-            expected_output_shape=(2, 5, 4),
-            expected_num_trainable_weights=6,
-            # The statistics: last values, their sums, the steps.
-            expected_num_non_trainable_weights=7,
-            expected_num_seed_generators=0,
-            expected_num_losses=0,
-            supports_masking=True,
-        )
+        # The statistics: last values, their sums, the steps.
+        kwargs = {"intermediate_dim": 6, "n_experts": 3, "slots_per_expert": 2}
+        run_harness(self, SoftMoE, kwargs, ((2, 5, 4), (2, 5, 4)), (6, 7, 0, 0))
 
     def test_layer_harness_gated_unnormalized(self):
-        self.run_layer_test(
-            SoftMoE,
-            init_kwargs={
-                "intermediate_dim": 6,
-                "n_experts": 2,
-                "gated": True,
-                "use_bias": False,
-                "normalize": False,
-                "activation": "silu",
-            },
-            input_shape=(2, 3, 4),
-            expected_output_shape=(2, 3, 4),
-            expected_num_trainable_weights=4,
-            expected_num_non_trainable_weights=7,
-            expected_num_seed_generators=0,
-            expected_num_losses=0,
-            supports_masking=True,
-        )
+        kwargs = {
+            "intermediate_dim": 6,
+            "n_experts": 2,
+            "gated": True,
+            "use_bias": False,
+            "normalize": False,
+            "activation": "silu",
+        }
+        run_harness(self, SoftMoE, kwargs, ((2, 3, 4), (2, 3, 4)), (4, 7, 0, 0))
 
 
 @pytest.mark.parametrize(
@@ -172,12 +157,8 @@ def test_an_empty_batch_or_sequence_with_a_mask(shape, training):
 
 
 def test_keras_masking_reaches_the_layer():
-    x = np.random.default_rng(3).normal(size=(2, 4, D)).astype("float32")
-    x[1, 2:] = 0.0
-    inputs = keras.Input((4, D))
-    outputs = SoftMoE(M, E)(keras.layers.Masking(0.0)(inputs))
-    y = to_numpy(keras.Model(inputs, outputs)(x))
-    assert np.all(y[1, 2:] == 0.0) and np.all(y[0] != 0.0)
+    x = np.random.default_rng(3).normal(size=(2, 4, D))
+    assert_keras_masking_reaches(SoftMoE(M, E), x)
 
 
 def test_weight_names_shapes_and_expert_axes():
@@ -253,14 +234,7 @@ def test_fit_jit_compile_statistics_and_save_load(tmp_path):
     layer.reset_routing_stats()
     assert layer.routing_stats_mean() is None
 
-    path = tmp_path / "soft.keras"
-    model.save(path)
-    restored = keras.models.load_model(path)
-    # Eager calls: compiling `predict` too would double the test's cost on
-    # PyTorch (torch.compile).
-    np.testing.assert_allclose(
-        to_numpy(restored(x)), to_numpy(model(x)), rtol=1e-5, atol=1e-6
-    )
+    restored = reloaded_with_same_outputs(model, tmp_path / "soft.keras", x)
     assert restored.layers[0].get_config() == layer.get_config()
 
 

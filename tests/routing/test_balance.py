@@ -10,20 +10,9 @@ import pytest
 from keras_moe import routing
 from tests.conftest import to_numpy
 from tests.routing.test_dispatch import np_softmax
+from tests.routing.test_dispatch import np_top_k_gates
 
 E, D = 4, 3
-
-
-def np_balanced_top_k(logits, bias, k, normalize):
-    """Reference: experts by decreasing `logits + bias`, weights from `logits`."""
-    logits = logits.astype("float64")
-    experts = np.argsort(-(logits + bias), axis=-1, kind="stable")[:, :k]
-    chosen = np.take_along_axis(logits, experts, axis=-1)
-    if normalize:
-        weights = np_softmax(chosen)
-    else:
-        weights = np.take_along_axis(np_softmax(logits), experts, axis=-1)
-    return weights, experts
 
 
 def np_delta(counts, rate):
@@ -38,7 +27,7 @@ def test_selection_is_biased_and_weights_are_not(k, normalize):
     logits = rng.normal(size=(13, E)).astype("float32")
     bias = np.array([-1.5, 0.0, 0.7, 0.2], "float32")
     weights, experts, probs = routing.balanced_top_k_gates(logits, bias, k, normalize)
-    ref_weights, ref_experts = np_balanced_top_k(logits, bias, k, normalize)
+    ref_weights, ref_experts = np_top_k_gates(logits, k, normalize, bias)
     np.testing.assert_array_equal(to_numpy(experts), ref_experts)
     np.testing.assert_allclose(to_numpy(weights), ref_weights, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(to_numpy(probs), np_softmax(logits), rtol=1e-5)
@@ -88,7 +77,7 @@ def test_repeated_updates_follow_numpy():
         _, experts, _ = routing.balanced_top_k_gates(logits, bias.value, 1)
         counts = routing.expert_counts(experts, E)
         routing.update_balance_bias(bias, counts, rate)
-        _, ref_experts = np_balanced_top_k(logits, ref_bias, 1, True)
+        _, ref_experts = np_top_k_gates(logits, 1, True, ref_bias)
         ref_counts = np.bincount(ref_experts.ravel(), minlength=E)
         np.testing.assert_array_equal(to_numpy(counts), ref_counts)
         ref_bias = ref_bias + np_delta(ref_counts, rate)
@@ -105,7 +94,7 @@ def test_top_k_router_chooses_with_its_bias_and_moves_it_in_training():
     bias = np.array([2.0, 0.0, -2.0, 0.5], "float32")
     router.balance_bias.assign(bias)
     weights, experts = router(x)  # inference: the bias stays
-    ref_weights, ref_experts = np_balanced_top_k(x @ logits_kernel, bias, 2, True)
+    ref_weights, ref_experts = np_top_k_gates(x @ logits_kernel, 2, True, bias)
     np.testing.assert_array_equal(to_numpy(experts), ref_experts)
     np.testing.assert_allclose(to_numpy(weights), ref_weights, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(router.routing_stats["balance_bias"], bias)

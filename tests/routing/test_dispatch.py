@@ -1,6 +1,7 @@
 """The routing core: top-k gates, sparse dispatch in every layout, capacity,
 auxiliary losses and statistics, against NumPy references."""
 
+import collections
 import math
 
 import keras
@@ -23,10 +24,11 @@ def np_softmax(x, axis=-1):
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def np_top_k_gates(logits, k, normalize):
-    """Reference: experts by decreasing logit, softmax weights (float64)."""
+def np_top_k_gates(logits, k, normalize, bias=0.0):
+    """Reference: experts by decreasing `logits + bias`, softmax weights of
+    the logits (float64)."""
     logits = logits.astype("float64")
-    experts = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    experts = np.argsort(-(logits + bias), axis=-1, kind="stable")[:, :k]
     chosen = np.take_along_axis(logits, experts, axis=-1)
     if normalize:
         weights = np_softmax(chosen)
@@ -35,26 +37,33 @@ def np_top_k_gates(logits, k, normalize):
     return weights, experts
 
 
-def np_sparse_mixture(x, experts, weights, kernel, bias, capacity=None, mask=None):
-    """Reference: loop over tokens and their choices; with `capacity`, choices
-    are served slot-major (every first choice before any second) in token
-    order, and an expert's assignments past `capacity` are dropped."""
+def np_kept(experts, capacity=None, mask=None):
+    """The assignments `(token, slot, expert)` that are served: slot-major
+    (every token's first choice, in token order, before any second choice),
+    an expert's assignments past `capacity` dropped, masked tokens routed
+    nowhere. Returns them and the fraction of the routed ones dropped."""
     n, k = experts.shape
-    out = np.zeros((n, kernel.shape[-1]))
-    served = np.zeros(kernel.shape[0], int)
-    dropped = routed = 0
+    served = collections.Counter()
+    kept, routed = [], 0
     for slot in range(k):
         for t in range(n):
             if mask is not None and not mask[t]:
                 continue
             e = experts[t, slot]
             routed += 1
-            if capacity is not None and served[e] >= capacity:
-                dropped += 1
-                continue
-            served[e] += 1
-            out[t] += weights[t, slot] * np.tanh(x[t] @ kernel[e] + bias[e])
-    return out, dropped / max(routed, 1)
+            if capacity is None or served[e] < capacity:
+                served[e] += 1
+                kept.append((t, slot, e))
+    return kept, (routed - len(kept)) / max(routed, 1)
+
+
+def np_sparse_mixture(x, experts, weights, kernel, bias, capacity=None, mask=None):
+    """Reference: a loop over the served assignments (`np_kept`)."""
+    out = np.zeros((experts.shape[0], kernel.shape[-1]))
+    kept, dropped = np_kept(experts, capacity, mask)
+    for t, slot, e in kept:
+        out[t] += weights[t, slot] * np.tanh(x[t] @ kernel[e] + bias[e])
+    return out, dropped
 
 
 def random_case(seed, n=23, d=6, m=7, skew=0.0):
@@ -107,6 +116,20 @@ def run_sparse(
         training=training,
     )
     return to_numpy(out), to_numpy(sizes), float(to_numpy(dropped))
+
+
+def run_top_2(x, kernel, bias, logits, capacity_factor, path, mask=None):
+    """`run_sparse` at top-2 of a `random_case`, on a path of `DROPLESS_PATHS`."""
+    return run_sparse(
+        x,
+        logits,
+        kernel,
+        bias,
+        2,
+        capacity_factor=capacity_factor,
+        mask=mask,
+        **DROPLESS_PATHS[path],
+    )
 
 
 # The dropless layouts `sparse_mixture` can take here: its arguments.
@@ -436,15 +459,8 @@ def test_capacity_drops_overflow_like_numpy(capacity_factor, k):
 def test_masked_tokens_are_not_dispatched(capacity_factor, path):
     x, kernel, bias, logits = random_case(11, skew=1.0)
     mask = np.random.default_rng(0).random(len(x)) > 0.4
-    out, sizes, dropped = run_sparse(
-        x,
-        logits,
-        kernel,
-        bias,
-        2,
-        capacity_factor=capacity_factor,
-        mask=mask,
-        **DROPLESS_PATHS[path],
+    out, sizes, dropped = run_top_2(
+        x, kernel, bias, logits, capacity_factor, path, mask
     )
     weights, experts = np_top_k_gates(logits, 2, True)
     capacity = None
@@ -572,15 +588,8 @@ def test_every_token_masked_drops_nothing(capacity_factor, path):
     """Nothing routed is nothing dropped: `dropped_fraction` 0, output 0."""
     x, kernel, bias, logits = random_case(31)
     mask = np.zeros(len(x), bool)
-    out, sizes, dropped = run_sparse(
-        x,
-        logits,
-        kernel,
-        bias,
-        2,
-        capacity_factor=capacity_factor,
-        mask=mask,
-        **DROPLESS_PATHS[path],
+    out, sizes, dropped = run_top_2(
+        x, kernel, bias, logits, capacity_factor, path, mask
     )
     np.testing.assert_array_equal(out, 0.0)
     np.testing.assert_array_equal(sizes, 0)
@@ -590,15 +599,7 @@ def test_every_token_masked_drops_nothing(capacity_factor, path):
 @pytest.mark.parametrize("capacity_factor, path", CAPACITY_AND_PATHS)
 def test_an_empty_batch_gives_an_empty_output(capacity_factor, path):
     x, kernel, bias, logits = random_case(37, n=0)
-    out, sizes, dropped = run_sparse(
-        x,
-        logits,
-        kernel,
-        bias,
-        2,
-        capacity_factor=capacity_factor,
-        **DROPLESS_PATHS[path],
-    )
+    out, sizes, dropped = run_top_2(x, kernel, bias, logits, capacity_factor, path)
     assert out.shape == (0, kernel.shape[-1])
     np.testing.assert_array_equal(sizes, 0)
     assert dropped == 0.0

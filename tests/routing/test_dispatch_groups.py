@@ -24,6 +24,7 @@ from keras import ops
 from keras_moe import backend
 from keras_moe import routing
 from tests.conftest import to_numpy
+from tests.routing.test_dispatch import np_kept
 
 D, M = 3, 2
 # JAX's `ragged_dot` runs on a CPU too when asked for (`layout="grouped"`).
@@ -80,32 +81,22 @@ def np_mixture(x, experts, weights, kernel, bias, cotangent, mask=None, capacity
     x, weights, kernel, bias, cotangent = (
         np.asarray(a, "float64") for a in (x, weights, kernel, bias, cotangent)
     )
-    n, k = experts.shape
+    n = experts.shape[0]
     out = np.zeros((n, kernel.shape[-1]))
     dx, dw = np.zeros_like(x), np.zeros_like(weights)
     dkernel, dbias = np.zeros_like(kernel), np.zeros_like(bias)
-    served = np.zeros(kernel.shape[0], int)
-    routed = dropped = 0
-    for slot in range(k):
-        for t in range(n):
-            if mask is not None and not mask[t]:
-                continue
-            e = experts[t, slot]
-            routed += 1
-            if capacity is not None and served[e] >= capacity:
-                dropped += 1
-                continue
-            served[e] += 1
-            h = np.tanh(x[t] @ kernel[e] + bias[e])
-            out[t] += weights[t, slot] * h
-            dz = weights[t, slot] * cotangent[t] * (1.0 - h**2)
-            dx[t] += kernel[e] @ dz
-            dkernel[e] += np.outer(x[t], dz)
-            dbias[e] += dz
-            dw[t, slot] = cotangent[t] @ h
+    kept, dropped = np_kept(experts, capacity, mask)
+    for t, slot, e in kept:
+        h = np.tanh(x[t] @ kernel[e] + bias[e])
+        out[t] += weights[t, slot] * h
+        dz = weights[t, slot] * cotangent[t] * (1.0 - h**2)
+        dx[t] += kernel[e] @ dz
+        dkernel[e] += np.outer(x[t], dz)
+        dbias[e] += dz
+        dw[t, slot] = cotangent[t] @ h
     keep = np.ones(n, bool) if mask is None else mask
     sizes = np.bincount(experts[keep].ravel(), minlength=kernel.shape[0])
-    return out, (dx, dw, dkernel, dbias), sizes, dropped / max(routed, 1)
+    return out, (dx, dw, dkernel, dbias), sizes, dropped
 
 
 ARRAYS = ("x", "weights", "kernel", "bias")

@@ -13,8 +13,11 @@ from keras.src import testing
 
 from keras_moe import routing
 from keras_moe.callbacks import ExpertUsage
+from tests.conftest import reloaded_with_same_outputs
 from tests.conftest import to_numpy
+from tests.harness import run_harness
 from tests.routing.test_dispatch import np_softmax
+from tests.routing.test_router import ROUTER_BAD_ARGUMENTS
 
 D, M = 6, 5
 
@@ -195,17 +198,13 @@ def test_an_empty_batch_routes_nothing():
 
 class ExpertChoiceRouterLayerTest(testing.TestCase):
     def test_layer_harness(self):
-        self.run_layer_test(
+        # The routing statistics: 3 last values, their sums, steps.
+        run_harness(
+            self,
             routing.ExpertChoiceRouter,
-            init_kwargs={"n_experts": 4, "top_k": 2, "use_bias": True},
-            input_shape=(7, D),
-            expected_output_shape=((4, 4), (4, 4)),
-            expected_num_trainable_weights=2,
-            # The routing statistics: 3 last values, their sums, steps.
-            expected_num_non_trainable_weights=7,
-            expected_num_seed_generators=0,
-            expected_num_losses=0,
-            supports_masking=True,
+            {"n_experts": 4, "top_k": 2, "use_bias": True},
+            ((7, D), ((4, 4), (4, 4))),
+            (2, 7, 0, 0),
             run_training_check=False,  # integer outputs have no gradient
             run_mixed_precision_check=False,  # checked below: float32 router
         )
@@ -287,14 +286,7 @@ def test_custom_layer_fits_and_reloads(tmp_path):
     # c = 12 of the 48 tokens of a batch per expert: some tokens get none.
     assert 0.0 < mean["dropped_fraction"] < 1.0
 
-    path = tmp_path / "expert_choice.keras"
-    model.save(path)
-    restored = keras.models.load_model(path)
-    # Eager calls on all 144 tokens: compiling `predict` too would double the
-    # test's cost on PyTorch (torch.compile).
-    np.testing.assert_allclose(
-        to_numpy(restored(x)), to_numpy(model(x)), rtol=1e-5, atol=1e-6
-    )
+    restored = reloaded_with_same_outputs(model, tmp_path / "expert_choice.keras", x)
     restored_statistics = restored.layers[0].router.statistics
     for variable in layer.router.statistics.variables:
         np.testing.assert_allclose(
@@ -334,14 +326,8 @@ def test_config_round_trip():
 
 @pytest.mark.parametrize(
     "kwargs, error, match",
-    [
-        ({"n_experts": 0}, ValueError, "`n_experts` must be an integer >= 1"),
-        ({"n_experts": 4, "top_k": 5}, ValueError, "top_k=5, n_experts=4"),
-        ({"n_experts": 4, "top_k": 1.5}, TypeError, "`top_k` must be an integer"),
-        ({"n_experts": 4, "capacity_factor": 0}, ValueError, "capacity_factor"),
-        ({"n_experts": 4, "router_z_loss_weight": -1}, ValueError, "router_z_loss"),
-        ({"n_experts": 4, "use_bias": "yes"}, TypeError, "`use_bias` must be a bool"),
-    ],
+    ROUTER_BAD_ARGUMENTS
+    + [({"n_experts": 4, "router_z_loss_weight": -1}, ValueError, "router_z_loss")],
 )
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -8,6 +8,7 @@ from keras.src import testing
 
 from keras_moe import routing
 from tests.conftest import to_numpy
+from tests.harness import run_harness
 from tests.routing.test_dispatch import np_softmax
 from tests.routing.test_dispatch import np_top_k_gates
 
@@ -16,25 +17,22 @@ E, D = 5, 6
 
 class TopKRouterLayerTest(testing.TestCase):
     def test_layer_harness(self):
-        self.run_layer_test(
+        # The routing statistics: 3 last values, their sums, steps.
+        run_harness(
+            self,
             routing.TopKRouter,
-            init_kwargs={"n_experts": E, "top_k": 2, "use_bias": True},
-            input_shape=(7, D),
-            expected_output_shape=((7, 2), (7, 2)),
-            expected_num_trainable_weights=2,
-            # The routing statistics: 3 last values, their sums, steps.
-            expected_num_non_trainable_weights=7,
-            expected_num_seed_generators=0,
-            expected_num_losses=0,
-            supports_masking=True,
+            {"n_experts": E, "top_k": 2, "use_bias": True},
+            ((7, D), ((7, 2), (7, 2))),
+            (2, 7, 0, 0),
             run_training_check=False,  # integer outputs have no gradient
             run_mixed_precision_check=False,  # checked below: float32 router
         )
 
     def test_layer_harness_noisy_with_losses(self):
-        self.run_layer_test(
+        run_harness(
+            self,
             routing.TopKRouter,
-            init_kwargs={
+            {
                 "n_experts": E,
                 "top_k": 1,
                 "noisy_gating": True,
@@ -42,14 +40,10 @@ class TopKRouterLayerTest(testing.TestCase):
                 "router_z_loss_weight": 0.01,
                 "seed": 3,
             },
-            input_shape=(7, D),
-            expected_output_shape=((7, 1), (7, 1)),
-            expected_num_trainable_weights=2,
-            expected_num_non_trainable_weights=7,
-            expected_num_seed_generators=1,
-            supports_masking=True,
-            run_training_check=False,
-            run_mixed_precision_check=False,
+            ((7, D), ((7, 1), (7, 1))),
+            (2, 7, 1, None),
+            run_training_check=False,  # integer outputs have no gradient
+            run_mixed_precision_check=False,  # checked below: float32 router
         )
 
 
@@ -156,15 +150,21 @@ def test_config_round_trip():
     assert clone.get_config() == router.get_config()
 
 
+# Bad arguments every router refuses: `(kwargs, error, match)`.
+ROUTER_BAD_ARGUMENTS = [
+    ({"n_experts": 0}, ValueError, "`n_experts` must be an integer >= 1"),
+    ({"n_experts": 4, "top_k": 5}, ValueError, "top_k=5, n_experts=4"),
+    ({"n_experts": 4, "top_k": 1.5}, TypeError, "`top_k` must be an integer"),
+    ({"n_experts": 4, "capacity_factor": 0}, ValueError, "capacity_factor"),
+    ({"n_experts": 4, "use_bias": "yes"}, TypeError, "`use_bias` must be a bool"),
+]
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
-    [
-        ({"n_experts": 0}, ValueError, "`n_experts` must be an integer >= 1"),
-        ({"n_experts": 4, "top_k": 5}, ValueError, "top_k=5, n_experts=4"),
-        ({"n_experts": 4, "top_k": 1.5}, TypeError, "`top_k` must be an integer"),
-        ({"n_experts": 4, "capacity_factor": 0}, ValueError, "capacity_factor"),
+    ROUTER_BAD_ARGUMENTS
+    + [
         ({"n_experts": 4, "load_balance_weight": -1}, ValueError, "load_balance"),
-        ({"n_experts": 4, "use_bias": "yes"}, TypeError, "`use_bias` must be a bool"),
         ({"n_experts": 4, "seed": -1}, ValueError, "`seed`"),
     ],
 )

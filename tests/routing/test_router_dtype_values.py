@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from keras_moe import MoEFeedForward
+from keras_moe.layers import FeedForwardExperts
 from keras_moe.routing import TopKRouter
 from tests.conftest import to_numpy
 
@@ -132,15 +133,11 @@ def test_moe_feed_forward_routes_in_its_router_dtype(policy, router_dtype):
     compute_dtype = POLICIES[policy]
     x, kernel = router_case(compute_dtype)
     refs = dict(zip(("float32", "compute"), np_logits(x, kernel, compute_dtype)))
-    layer = MoEFeedForward(
-        intermediate_dim=8,
-        n_experts=N_EXPERTS,
-        activation="relu",
-        gated=False,
-        use_bias=False,
-        router=TopKRouter(N_EXPERTS, top_k=1, router_dtype=router_dtype, dtype=policy),
-        dtype=policy,
+    experts = FeedForwardExperts(
+        8, N_EXPERTS, activation="relu", gated=False, use_bias=False, dtype=policy
     )
+    router = TopKRouter(N_EXPERTS, top_k=1, router_dtype=router_dtype, dtype=policy)
+    layer = MoEFeedForward(experts=experts, router=router, dtype=policy)
     layer.build((None, D))
     layer.router.kernel.assign(kernel)
     rng = np.random.default_rng(0)

@@ -46,6 +46,20 @@ def dense_block(activation, gated, biases, gate_bias=False, seed=0):
     return {k: None if v is None else v.astype("float32") for k, v in w.items()}
 
 
+def upcycled(w, activation, n_experts=E, **kwargs):
+    """`upcycle_feed_forward` of the arrays of `dense_block`."""
+    return upcycle_feed_forward(
+        w["up"],
+        w["down"],
+        n_experts=n_experts,
+        gate=w["gate"],
+        activation=activation,
+        up_bias=w["up_bias"],
+        down_bias=w["down_bias"],
+        **kwargs,
+    )
+
+
 def np_block(w, activation, x):
     """The dense block in float64 NumPy."""
     act = ACTIVATIONS[activation]
@@ -104,15 +118,7 @@ BLOCKS = [
 @pytest.mark.parametrize("activation, gated, biases", BLOCKS)
 def test_kernels_upcycle_to_the_same_function(activation, gated, biases):
     w = dense_block(activation, gated, biases)
-    layer = upcycle_feed_forward(
-        w["up"],
-        w["down"],
-        n_experts=E,
-        gate=w["gate"],
-        activation=activation,
-        up_bias=w["up_bias"],
-        down_bias=w["down_bias"],
-    )
+    layer = upcycled(w, activation)
     assert isinstance(layer, MoEFeedForward) and layer.built
     assert isinstance(layer.experts, FeedForwardExperts)
     assert isinstance(layer.router, TopKRouter)
@@ -168,16 +174,7 @@ def test_the_layer_is_composed_without_deprecated_options(gated):
 
 def test_every_expert_is_a_copy_and_any_router_keeps_the_function():
     w = dense_block("gelu", gated=True, biases=True)
-    layer = upcycle_feed_forward(
-        w["up"],
-        w["down"],
-        n_experts=E,
-        gate=w["gate"],
-        activation="gelu",
-        up_bias=w["up_bias"],
-        down_bias=w["down_bias"],
-        router_initializer="zeros",
-    )
+    layer = upcycled(w, "gelu", router_initializer="zeros")
     for e in range(E):
         np.testing.assert_array_equal(to_numpy(layer.experts.up_kernel)[e], w["up"])
         np.testing.assert_array_equal(to_numpy(layer.experts.gate_kernel)[e], w["gate"])
@@ -195,14 +192,11 @@ def test_every_expert_is_a_copy_and_any_router_keeps_the_function():
 @pytest.mark.parametrize("n_experts, top_k", [(E, 1), (E, E)])
 def test_any_top_k_is_exact(n_experts, top_k):
     w = dense_block("relu", gated=False, biases=True)
-    layer = upcycle_feed_forward(
-        w["up"],
-        w["down"],
+    layer = upcycled(
+        w,
+        "relu",
         n_experts=n_experts,
         top_k=top_k,
-        activation="relu",
-        up_bias=w["up_bias"],
-        down_bias=w["down_bias"],
         router_initializer=keras.initializers.RandomNormal(stddev=1.0),
     )
     x = RNG.normal(size=(6, D)).astype("float32")
@@ -260,15 +254,7 @@ def test_half_precision_kernels_upcycle_exactly(dtype, as_tensor):
         k: keras.ops.convert_to_tensor(v) if as_tensor and v is not None else v
         for k, v in half.items()
     }
-    layer = upcycle_feed_forward(
-        given["up"],
-        given["down"],
-        n_experts=E,
-        gate=given["gate"],
-        activation="silu",
-        up_bias=given["up_bias"],
-        down_bias=given["down_bias"],
-    )
+    layer = upcycled(given, "silu")
     # Every expert holds the half-precision values exactly (float32 weights).
     for name in ("up", "gate", "down"):
         kernels = to_numpy(getattr(layer.experts, f"{name}_kernel"))
@@ -292,15 +278,7 @@ def test_dtype_policy_follows_the_dense_layers():
 
 def test_upcycled_layer_trains_saves_and_reloads(tmp_path):
     w = dense_block("gelu", gated=True, biases=True)
-    layer = upcycle_feed_forward(
-        w["up"],
-        w["down"],
-        n_experts=E,
-        gate=w["gate"],
-        activation="gelu",
-        up_bias=w["up_bias"],
-        down_bias=w["down_bias"],
-    )
+    layer = upcycled(w, "gelu")
     model = keras.Sequential([keras.Input((3, D)), layer])
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
     x = RNG.normal(size=(2, 3, D)).astype("float32")
