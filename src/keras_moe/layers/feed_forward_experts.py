@@ -77,6 +77,10 @@ class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
         bias_regularizer: Regularizer of the biases.
         kernel_constraint: Constraint of the kernels.
         bias_constraint: Constraint of the biases.
+        lora_rank: `None`, or the rank of LoRA adapters enabled when the
+            bank is built (`enable_lora`; a saved LoRA bank's config has it).
+        lora_alpha: The LoRA update's scale `lora_alpha / lora_rank`;
+            `None` means `lora_rank`.
         **kwargs: Base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -97,6 +101,16 @@ class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
     `gate_bias` `(E, m)` with `use_gate_bias`; `scale` `(E,)` with
     `output_scale`.
 
+    Quantization and LoRA, through Keras's protocols (`keras.Model.quantize`
+    and `enable_lora` reach the bank inside `MoEFeedForward` and `SoftMoE`):
+    `quantize("int8" | "int4")` stores each kernel as int8 values (int4: two
+    per byte) and a float32 scale per expert and output channel,
+    `<kernel>_scale` `(E, m)`; a call dequantizes only the experts the
+    layout selects (a block layout's blocks' experts; a grouped matmul and
+    the expert axis run every expert). `enable_lora(rank)` adds per-expert
+    factors `<kernel>_lora_a` `(E, d, r)` and `<kernel>_lora_b` `(E, r, m)`
+    and freezes the kernels, on a float or a quantized bank (QLoRA).
+
     Example:
 
     >>> import numpy as np
@@ -105,6 +119,14 @@ class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
     >>> rows = np.ones((4, 3, 16), "float32")  # 3 rows for each expert
     >>> tuple(experts(rows).shape)
     (4, 3, 16)
+    >>> experts.quantize("int8")
+    >>> experts.dtype_policy.name, experts.up_kernel.dtype
+    ('int8_from_float32', 'int8')
+    >>> tuple(experts.up_kernel_scale.shape)  # (E, m)
+    (4, 32)
+    >>> experts.enable_lora(2)  # QLoRA: only the adapters train
+    >>> sorted(v.name for v in experts.trainable_weights)[:2]
+    ['down_bias', 'down_kernel_lora_a']
     """
 
     # The name of each weight's variable, in the order `build` creates them
