@@ -235,6 +235,31 @@ def test_other_keras_modes_are_not_implemented(mode):
         expert_quantization.check_mode(bank, "int3")
 
 
+class OwnProject(FeedForwardExperts):
+    def project(self, layout, x, name):
+        return super().project(layout, x, name)
+
+
+class OwnCall(FeedForwardExperts):
+    def call(self, inputs, layout=None, extra=None):
+        return super().call(inputs, layout=layout)
+
+
+def test_type_check_refuses_a_subclass_that_reads_the_kernels_itself():
+    rows = np.ones((E, 2, D), "float32")
+    bank = OwnProject(M, E)
+    bank(rows)
+    with pytest.raises(NotImplementedError, match="OwnProject"):
+        bank.quantize("int8")
+    bank.quantize("int8", type_check=False)
+    assert bank.quantization_mode == "int8"
+    bank = OwnCall(M, E)
+    y = to_numpy(bank(rows, extra=1))
+    bank.quantize("int8")
+    y_q = to_numpy(bank(rows, extra=1))
+    assert np.linalg.norm(y_q - y) / np.linalg.norm(y) <= ERROR_BOUNDS["int8"]
+
+
 def test_quantize_refuses_an_unbuilt_or_quantized_bank():
     with pytest.raises(ValueError, match="isn't yet built"):
         FeedForwardExperts(M, E).quantize("int8")

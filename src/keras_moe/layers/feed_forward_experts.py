@@ -331,12 +331,13 @@ class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
         Args:
             mode: `"int8"` or `"int4"`. Keras's other modes (`"float8"`,
                 `"gptq"`, `"awq"`) raise `NotImplementedError`.
-            type_check: With `True`, a subclass that overrides `call` is
-                refused (its call may not read the quantized kernels).
+            type_check: With `True`, a subclass that overrides `project`
+                (which reads the kernels) is refused; one that overrides
+                `call` around `FeedForwardExperts.call` is quantized.
             config: A `keras.quantizers.QuantizationConfig` of `mode`, or
                 None.
         """
-        if type_check and type(self).call is not FeedForwardExperts.call:
+        if type_check and type(self).project is not FeedForwardExperts.project:
             raise self._not_implemented_error(self.quantize)
         expert_quantization.quantize(self, mode)
 
@@ -345,12 +346,12 @@ class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
         loaded with a quantized dtype policy (`build` calls it)."""
         expert_quantization.quantized_build(self, tuple(input_shape)[-1], mode)
 
-    def _int8_call(self, inputs, layout=None):
-        # `call` reads the quantized kernels itself.
-        return self.call(inputs, layout=layout)
+    def _int8_call(self, *args, **kwargs):
+        # `project` reads the quantized kernels: `call` runs as it is.
+        return self.call(*args, **kwargs)
 
-    def _int4_call(self, inputs, layout=None):
-        return self.call(inputs, layout=layout)
+    def _int4_call(self, *args, **kwargs):
+        return self.call(*args, **kwargs)
 
     def enable_lora(
         self,
