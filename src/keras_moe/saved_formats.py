@@ -80,6 +80,10 @@ class LegacyLoading:
         if state is not None:
             self.load_legacy_variables(store, state)
             return
+        self.load_current_variables(store)
+
+    def load_current_variables(self, store):
+        """Reads a store in the current format (Keras's order by default)."""
         super().load_own_variables(store)
 
     def load_legacy_variables(self, store, version):

@@ -8,6 +8,7 @@ from keras_moe import distribution
 from keras_moe import saved_formats
 from keras_moe import utils
 from keras_moe.layers import expert_functions
+from keras_moe.layers import expert_quantization
 from keras_moe.routing.layouts import ExpertAxisLayout
 
 # Every weight a bank may have, in the order `build` creates them (the
@@ -76,6 +77,10 @@ class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
         bias_regularizer: Regularizer of the biases.
         kernel_constraint: Constraint of the kernels.
         bias_constraint: Constraint of the biases.
+        lora_rank: `None`, or the rank of LoRA adapters enabled when the
+            bank is built (`enable_lora`; a saved LoRA bank's config has it).
+        lora_alpha: The LoRA update's scale `lora_alpha / lora_rank`;
+            `None` means `lora_rank`.
         **kwargs: Base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -96,6 +101,16 @@ class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
     `gate_bias` `(E, m)` with `use_gate_bias`; `scale` `(E,)` with
     `output_scale`.
 
+    Quantization and LoRA, through Keras's protocols (`keras.Model.quantize`
+    and `enable_lora` reach the bank inside `MoEFeedForward` and `SoftMoE`):
+    `quantize("int8" | "int4")` stores each kernel as int8 values (int4: two
+    per byte) and a float32 scale per expert and output channel,
+    `<kernel>_scale` `(E, m)`; a call dequantizes only the experts the
+    layout selects (a block layout's blocks' experts; a grouped matmul and
+    the expert axis run every expert). `enable_lora(rank)` adds per-expert
+    factors `<kernel>_lora_a` `(E, d, r)` and `<kernel>_lora_b` `(E, r, m)`
+    and freezes the kernels, on a float or a quantized bank (QLoRA).
+
     Example:
 
     >>> import numpy as np
@@ -104,6 +119,14 @@ class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
     >>> rows = np.ones((4, 3, 16), "float32")  # 3 rows for each expert
     >>> tuple(experts(rows).shape)
     (4, 3, 16)
+    >>> experts.quantize("int8")
+    >>> experts.dtype_policy.name, experts.up_kernel.dtype
+    ('int8_from_float32', 'int8')
+    >>> tuple(experts.up_kernel_scale.shape)  # (E, m)
+    (4, 32)
+    >>> experts.enable_lora(2)  # QLoRA: only the adapters train
+    >>> sorted(v.name for v in experts.trainable_weights)[:2]
+    ['down_bias', 'down_kernel_lora_a']
     """
 
     # The name of each weight's variable, in the order `build` creates them
@@ -131,6 +154,8 @@ class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
         bias_regularizer=None,
         kernel_constraint=None,
         bias_constraint=None,
+        lora_rank=None,
+        lora_alpha=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -178,6 +203,11 @@ class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
             self.use_gate_bias,
             self.swiglu_limit,
         )
+        self.lora_rank = utils.check_optional_positive_int("lora_rank", lora_rank)
+        self.lora_alpha = utils.check_optional_positive_float("lora_alpha", lora_alpha)
+        if self.lora_rank is not None and self.lora_alpha is None:
+            self.lora_alpha = self.lora_rank
+        self.lora_enabled = False
         for name, _ in WEIGHTS:
             setattr(self, name, None)
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
@@ -221,12 +251,19 @@ class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
                 f"this bank has. Received: no name for {missing}"
             )
         kinds = dict(WEIGHTS)
+        quantized = self.quantization_mode is not None
         with distribution.expert_weights(self):
             for name in self.weight_names:
-                if name in shapes:
+                if name in shapes and not (quantized and kinds[name] == "kernel"):
                     weight = self._add_expert_weight(name, kinds[name], shapes[name])
                     setattr(self, name, weight)
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: d})
+        if quantized:
+            self.quantized_build(input_shape, self.quantization_mode)
+        if self.lora_rank is not None:
+            # A LoRA bank reloaded: its factors exist before its weights load.
+            self.built = True
+            self.enable_lora(self.lora_rank, self.lora_alpha)
 
     def _add_expert_weight(self, name, kind, shape):
         variable_name = self.weight_names[name]
@@ -243,10 +280,17 @@ class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
             constraint=getattr(self, f"{prefix}_constraint"),
         )
 
-    def project(self, layout, x, kernel, bias=None):
-        """`x . kernel + bias` for every row with its expert's weights."""
-        kernel = ops.cast(layout.select(kernel), x.dtype)
-        y = layout.matmul(x, kernel)
+    def project(self, layout, x, name):
+        """`x . kernel + bias` for every row with its expert's weights, for
+        the kernel `"{name}_kernel"` (`name` one of `"up"`, `"gate"`,
+        `"gate_up"`, `"down"`) and its bias, if any: the selected kernels
+        (dequantized when quantized) and their LoRA update when enabled."""
+        kernel = f"{name}_kernel"
+        y = layout.matmul(
+            x, expert_quantization.selected_kernel(self, layout, kernel, x.dtype)
+        )
+        y = expert_quantization.add_lora(self, layout, x, y, kernel)
+        bias = getattr(self, f"{name}_bias")
         if bias is not None:
             y = y + layout.broadcast(ops.cast(layout.select(bias), y.dtype))
         return y
@@ -257,21 +301,104 @@ class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
             layout = ExpertAxisLayout()
         x = inputs
         if self.gate_up_kernel is not None:
-            h = self.project(layout, x, self.gate_up_kernel, self.gate_up_bias)
+            h = self.project(layout, x, "gate_up")
             gate, up = expert_functions.split_gate_up(h, self.gate_up_layout)
             h = self._gated_unit(gate, up)
         else:
-            h = self.project(layout, x, self.up_kernel, self.up_bias)
+            h = self.project(layout, x, "up")
             if self.gated:
-                gate = self.project(layout, x, self.gate_kernel, self.gate_bias)
+                gate = self.project(layout, x, "gate")
                 h = self._gated_unit(gate, h)
             else:
                 h = expert_functions.activate(h, self.activation, self.activation_dtype)
-        y = self.project(layout, h, self.down_kernel, self.down_bias)
+        y = self.project(layout, h, "down")
         if self.scale is not None:
             scale = ops.expand_dims(ops.cast(self.scale, y.dtype), -1)
             y = y * layout.broadcast(layout.select(scale))
         return y
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Quantizes the expert kernels to `"int8"` or `"int4"` (Keras's
+        `Layer.quantize` protocol; `keras.Model.quantize` calls it).
+
+        Each kernel becomes int8 values (int4: two per byte) with a float32
+        scale per expert and output channel, `(E, m)`; the biases and
+        `scale` stay float. Only the weights are quantized (the inputs are
+        not), per output channel in either mode (an `Int4QuantizationConfig`'s
+        `block_size` is not used). The dtype policy becomes
+        `"{mode}_from_{policy}"`, which the saved config keeps.
+
+        Args:
+            mode: `"int8"` or `"int4"`. Keras's other modes (`"float8"`,
+                `"gptq"`, `"awq"`) raise `NotImplementedError`.
+            type_check: With `True`, a subclass that overrides `project`
+                (which reads the kernels) is refused; one that overrides
+                `call` around `FeedForwardExperts.call` is quantized.
+            config: A `keras.quantizers.QuantizationConfig` of `mode`, or
+                None.
+        """
+        if type_check and type(self).project is not FeedForwardExperts.project:
+            raise self._not_implemented_error(self.quantize)
+        expert_quantization.quantize(self, mode)
+
+    def quantized_build(self, input_shape, mode, config=None):
+        """Creates the int8 (int4: packed) kernels and their scales of a bank
+        loaded with a quantized dtype policy (`build` calls it)."""
+        expert_quantization.quantized_build(self, tuple(input_shape)[-1], mode)
+
+    def _int8_call(self, *args, **kwargs):
+        # `project` reads the quantized kernels: `call` runs as it is.
+        return self.call(*args, **kwargs)
+
+    def _int4_call(self, *args, **kwargs):
+        return self.call(*args, **kwargs)
+
+    def enable_lora(
+        self,
+        rank,
+        lora_alpha=None,
+        a_initializer="he_uniform",
+        b_initializer="zeros",
+    ):
+        """Adds low-rank adapters to every expert kernel (Keras's
+        `Dense.enable_lora` protocol) and freezes the kernels.
+
+        Each kernel `W` `(E, d, m)` gets per-expert factors `A` `(E, d, r)`
+        and `B` `(E, r, m)` (float32 under any dtype policy, selected by the
+        layout as the kernels are): each product becomes
+        `x . W_e + (lora_alpha / r) * (x . A_e) . B_e`. `B` starts at zeros,
+        so the outputs do not change when LoRA is enabled. The kernels
+        become non-trainable (the biases and `scale` stay as they are); an
+        int8/int4 bank takes LoRA too (QLoRA).
+
+        Saving merges the adapters into the kernels, as Keras's `Dense`
+        does: the saved kernel is `W + (lora_alpha / r) * A . B` (an
+        int8/int4 kernel is dequantized, merged and quantized again), the
+        factors are not saved, and the config keeps `lora_rank` and
+        `lora_alpha`, so that a reloaded bank has LoRA enabled on the merged
+        kernels with `B` zeros (unlike `Dense`, which zeros `A` too, `A`
+        keeps its initial values, so that fine-tuning can go on).
+
+        Args:
+            rank: Positive integer, the rank `r` of the adapters.
+            lora_alpha: Positive number scaling the update by
+                `lora_alpha / rank`; None means `rank`.
+            a_initializer: Initializer of the `A` factors.
+            b_initializer: Initializer of the `B` factors.
+        """
+        expert_quantization.enable_lora(
+            self, rank, lora_alpha, a_initializer, b_initializer
+        )
+
+    def save_own_variables(self, store):
+        if self.built:
+            expert_quantization.save_variables(self, store)
+
+    def load_current_variables(self, store):
+        if not self.built:
+            super().load_current_variables(store)
+            return
+        expert_quantization.load_variables(self, store)
 
     def _check_expert_axis(self, shape):
         shape = tuple(shape)
@@ -296,7 +423,18 @@ class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
     def expert_weight_axes(self):
         """The name of each of the bank's weights -> its experts axis, 0
         (`keras_moe.expert_parallel_layout_map`); known before `build`."""
-        return {self.weight_names[name]: 0 for name in self.weight_shapes(None)}
+        shapes = self.weight_shapes(None)
+        axes = {self.weight_names[name]: 0 for name in shapes}
+        suffixes = []
+        if self.quantization_mode is not None or getattr(self, "_is_quantized", False):
+            suffixes.append("_scale")
+        if self.lora_rank is not None:
+            suffixes += ["_lora_a", "_lora_b"]
+        # A quantized bank's kernel scales, a LoRA bank's factors.
+        for name in expert_quantization.kernel_names(self, shapes):
+            for suffix in suffixes:
+                axes[f"{self.weight_names[name]}{suffix}"] = 0
+        return axes
 
     def compute_output_shape(self, input_shape):
         # One argument: Keras passes it the shape of the first input (the
@@ -323,4 +461,7 @@ class FeedForwardExperts(saved_formats.LegacyLoading, keras.layers.Layer):
             "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
             "bias_constraint": keras.constraints.serialize(self.bias_constraint),
         }
+        if self.lora_rank is not None:
+            config["lora_rank"] = self.lora_rank
+            config["lora_alpha"] = self.lora_alpha
         return {**super().get_config(), **config}
