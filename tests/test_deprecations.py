@@ -231,7 +231,8 @@ def test_a_router_kind_given_as_router_warns(name):
 
 def test_an_expert_choice_router_without_a_capacity_factor_warns():
     match = deprecated(
-        "ExpertChoiceRouter(capacity_factor=None)", "`capacity_factor=1.0`"
+        "ExpertChoiceRouter(capacity_factor=None)",
+        "ExpertChoiceRouter(capacity_factor=1.0)",
     )
     with pytest.warns(DeprecationWarning, match=match):
         router = ExpertChoiceRouter(E, capacity_factor=None)
@@ -264,8 +265,8 @@ def test_old_layout_names_of_sparse_mixture_warn(old, new, capacity_factor):
     expected, _, _ = routing.sparse_mixture(
         tokens, experts, weights, E, bank, layout="tiers"
     )
-    phrase = " without a capacity factor" if old == "capacity" else ""
-    match = deprecated(f"`layout={old!r}`{phrase}", f"layout={new!r}")
+    phrase = " without a capacity_factor" if old == "capacity" else ""
+    match = deprecated(f"layout={old!r}{phrase}", f"layout={new!r}")
     if new == "grouped" and not has_grouped_matmul():
         assert keras.backend.backend() == "tensorflow"
         with pytest.warns(DeprecationWarning, match=match):

@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+from keras import ops
 
 from keras_moe import backend
 from keras_moe import routing
@@ -94,13 +95,14 @@ def test_an_expert_function_of_layout_and_rows():
     bank = tanh_bank(kernel, bias)
 
     def expert_fn(layout, rows):
-        return bank(rows, layout)
+        # 0.2.0's interface: the layout multiplies by every expert's weights.
+        return ops.tanh(layout.add_bias(layout.matmul(rows, kernel), bias))
 
     with pytest.warns(DeprecationWarning, match=REMOVED) as caught:
         old = mixture("blocks", expert_fn, seed=3)
     (warning,) = ours(caught)
     assert "`expert_fn(layout, rows)`" in str(warning.message)
-    assert "Use `expert_bank(rows, layout=...)` instead." in str(warning.message)
+    assert "`expert_bank(rows, layout=...)`" in str(warning.message)
     assert warning.filename == __file__
     new = mixture("blocks", seed=3)
     for a, b in zip(old, new):
