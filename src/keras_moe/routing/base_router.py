@@ -54,7 +54,9 @@ class BaseRouter(saved_formats.LegacyLoading, keras.layers.Layer):
         bias_constraint: Constraint of the router bias.
         **kwargs: Base layer arguments (`name`, `dtype`, ...).
 
-    Example: a router that sends each token to its best expert, in a block.
+    Example:
+
+    A router that sends each token to its best expert, in a block:
 
     >>> import numpy as np
     >>> from keras import ops
