@@ -123,6 +123,23 @@ def run_on_eight_devices(worker, argument, timeout, **env):
     )
 
 
+def write_on_jax(source, out):
+    """Runs the Python `source` with the folder `out` as its argument in its
+    own process on JAX (this checkout's `src` first), and asserts it ran."""
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", source, str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
 def worker_report(path, run):
     """The JSON report a worker `run` wrote to `path`."""
     assert path.exists(), (

@@ -3,9 +3,6 @@ files written on JAX loaded on the current backend."""
 
 import io
 import json
-import os
-import subprocess
-import sys
 import textwrap
 import zipfile
 
@@ -25,6 +22,7 @@ from keras_moe.layers import FeedForwardExperts
 from keras_moe.routing import TopKRouter
 from tests.conftest import REPO
 from tests.conftest import to_numpy
+from tests.conftest import write_on_jax
 
 # The same script builds the model here and in the JAX subprocess.
 MODEL_SOURCE = textwrap.dedent(
@@ -243,18 +241,7 @@ np.savez(out + "/io.npz", x=x, y=np.asarray(model.predict(x, verbose=0)))
 @pytest.fixture(scope="module")
 def jax_saved_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("saved_on_jax")
-    env = {**os.environ, "KERAS_BACKEND": "jax"}
-    script = JAX_WRITER.format(model_source=MODEL_SOURCE)
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+    return write_on_jax(JAX_WRITER.format(model_source=MODEL_SOURCE), out)
 
 
 def test_keras_file_saved_on_jax_loads_here(jax_saved_model):

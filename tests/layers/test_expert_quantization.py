@@ -1,10 +1,7 @@
 """`FeedForwardExperts.quantize`: int8 and int4 expert kernels through
 Keras's quantization protocol."""
 
-import os
 import pathlib
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -19,6 +16,7 @@ from keras_moe.layers import expert_quantization
 from keras_moe.routing.layouts import Assignments
 from keras_moe.routing.layouts import BlockLayout
 from keras_moe.routing.layouts import Layout
+from tests.conftest import write_on_jax
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 E, D, M = 4, 64, 128
@@ -295,17 +293,7 @@ for mode in ("int8", "int4"):
 
 
 def test_keras_files_quantized_on_jax_load_here(tmp_path):
-    env = {**os.environ, "KERAS_BACKEND": "jax"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
-    result = subprocess.run(
-        [sys.executable, "-c", JAX_WRITER, str(tmp_path)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    write_on_jax(JAX_WRITER, tmp_path)
     for mode in ("int8", "int4"):
         saved = np.load(tmp_path / f"{mode}.npz")
         model = keras.saving.load_model(tmp_path / f"{mode}.keras")
